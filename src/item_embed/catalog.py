@@ -1,0 +1,286 @@
+"""Catalog input: CSV, JSONL or Parquet, one row per product, validated row by row.
+
+Every row read is either used or reported with its reason: rows in = rows used + rows reported.
+By default bad rows are skipped and listed in a report; ``strict=True`` makes the first fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from .images import ImageError, ImageLimits, load_image_array
+
+
+class CatalogError(ValueError):
+    """A catalog that cannot be read at all, or a bad row under ``strict``."""
+
+
+@dataclass
+class Columns:
+    """Which catalog columns hold what (map them when yours are named differently)."""
+
+    id: str = "id"
+    title: str = "title"
+    image: str = "image"
+    description: str = "description"
+
+
+@dataclass
+class Product:
+    """One usable catalog row, ready for the tokenizer and the model."""
+
+    row: int  # 0-based row number in the file
+    id: str
+    text: str | None  # title (+ description), None when the product has no usable title
+    image: np.ndarray | None  # uint8 (S, S, 3), None when the product has no image
+
+
+@dataclass
+class Problem:
+    row: int
+    id: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        who = f"id {self.id!r}" if self.id is not None else "no id"
+        return f"row {self.row} ({who}): {self.reason}"
+
+
+@dataclass
+class CatalogReport:
+    """What happened to every row: used (with which modalities) or skipped and why."""
+
+    source: str = ""
+    rows_in: int = 0
+    used: int = 0
+    text_only: int = 0
+    image_only: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def reported(self) -> int:
+        return len(self.problems)
+
+    def check_accounting(self) -> None:
+        if self.rows_in != self.used + self.reported:
+            raise AssertionError(
+                f"row accounting broken: {self.rows_in} in != {self.used} used + {self.reported} reported"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        reasons = Counter(_reason_kind(p.reason) for p in self.problems)
+        return {
+            "source": self.source,
+            "rows_in": self.rows_in,
+            "rows_used": self.used,
+            "rows_reported": self.reported,
+            "text_only": self.text_only,
+            "image_only": self.image_only,
+            "reported_by_reason": dict(reasons.most_common()),
+            "problems": [{"row": p.row, "id": p.id, "reason": p.reason} for p in self.problems],
+        }
+
+    def summary(self, max_lines: int = 10) -> str:
+        lines = [
+            f"catalog {self.source}: {self.rows_in} rows in, {self.used} used "
+            f"({self.text_only} title only, {self.image_only} image only), {self.reported} reported"
+        ]
+        for p in self.problems[:max_lines]:
+            lines.append(f"  skipped {p}")
+        if self.reported > max_lines:
+            lines.append(f"  ... and {self.reported - max_lines} more (see the report file)")
+        return "\n".join(lines)
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+        return path
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary counts: the text before the first colon."""
+    return reason.split(":", 1)[0]
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a catalog file into a DataFrame (CSV/TSV, JSONL, Parquet by suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"catalog file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        if suffix in (".csv", ".tsv"):
+            # Strings as-is ("NA" is a title, not a missing value); bytes that are not UTF-8
+            # survive as surrogates so that the row can be reported instead of the file failing.
+            return pd.read_csv(
+                path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
+                na_values=[""], encoding="utf-8", encoding_errors="surrogateescape",
+            )
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            return pd.read_json(path, lines=suffix != ".json", dtype=False)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise CatalogError(f"cannot read catalog {path}: {e}") from None
+    raise CatalogError(f"unsupported catalog format {suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return value is pd.NA
+
+
+def _clean_text(value: Any, what: str) -> str | None:
+    """A usable string, None when absent or blank; raises ValueError when not valid UTF-8."""
+    if _is_missing(value):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{what} is not valid UTF-8") from None
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a CSV with non-UTF-8 bytes
+        raise ValueError(f"{what} is not valid UTF-8") from None
+    text = " ".join(text.split())
+    return text or None
+
+
+class Catalog:
+    """A product catalog file with its column mapping; iterate it as validated products."""
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        columns: Columns | None = None,
+        image_root: str | Path | None = None,
+        source: str = "<frame>",
+    ) -> None:
+        self.columns = columns or Columns()
+        self.frame = frame.reset_index(drop=True)
+        self.image_root = Path(image_root) if image_root is not None else Path.cwd()
+        self.source = source
+        cols = set(self.frame.columns)
+        if self.columns.id not in cols:
+            raise CatalogError(
+                f"catalog {source} has no id column {self.columns.id!r} "
+                f"(columns: {', '.join(map(str, self.frame.columns))}); map it with --id-column"
+            )
+        if self.columns.title not in cols and self.columns.image not in cols:
+            raise CatalogError(
+                f"catalog {source} has neither a title column {self.columns.title!r} nor an image "
+                f"column {self.columns.image!r} (columns: {', '.join(map(str, self.frame.columns))})"
+            )
+
+    @classmethod
+    def open(
+        cls, path: str | Path, columns: Columns | None = None, image_root: str | Path | None = None
+    ) -> "Catalog":
+        """Read ``path``; relative image paths resolve against ``image_root`` or the file's folder."""
+        path = Path(path)
+        root = Path(image_root) if image_root is not None else path.resolve().parent
+        return cls(read_table(path), columns, root, source=str(path))
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """Columns carried through untouched (everything but the image itself)."""
+        return [c for c in self.frame.columns if c not in (self.columns.id, self.columns.image)]
+
+    def iter_chunks(
+        self,
+        image_size: int,
+        use_description: bool = False,
+        strict: bool = False,
+        report: CatalogReport | None = None,
+        chunk_size: int = 512,
+        limits: ImageLimits | None = None,
+        workers: int | None = None,
+    ) -> Iterator[list[Product]]:
+        """Yield validated products chunk by chunk; problems go to ``report`` (or raise if strict).
+
+        Images decode in a thread pool: Pillow releases the GIL while decoding.
+        """
+        report = report if report is not None else CatalogReport()
+        report.source = self.source
+        seen: dict[str, int] = {}
+        workers = workers or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for start in range(0, len(self.frame), chunk_size):
+                part = self.frame.iloc[start : start + chunk_size]
+                records = part.to_dict("records")
+                rows = range(start, start + len(records))
+                checked = list(
+                    pool.map(lambda rr: self._check_row(rr[0], rr[1], image_size, use_description, limits),
+                             zip(rows, records))
+                )
+                out: list[Product] = []
+                for item in checked:
+                    report.rows_in += 1
+                    if isinstance(item, Product):
+                        first = seen.get(item.id)
+                        if first is not None:
+                            item = Problem(item.row, item.id, f"duplicate id: first seen at row {first}")
+                        else:
+                            seen[item.id] = item.row
+                    if isinstance(item, Problem):
+                        if strict:
+                            raise CatalogError(f"{self.source}: {item}")
+                        report.problems.append(item)
+                        continue
+                    report.used += 1
+                    report.text_only += item.image is None
+                    report.image_only += item.text is None
+                    out.append(item)
+                yield out
+
+    def load_all(self, image_size: int, **kwargs: Any) -> list[Product]:
+        """Every usable product in memory (for training on catalogs that fit)."""
+        return [p for chunk in self.iter_chunks(image_size, **kwargs) for p in chunk]
+
+    def _check_row(
+        self, row: int, rec: dict[str, Any], image_size: int, use_description: bool,
+        limits: ImageLimits | None,
+    ) -> Product | Problem:
+        c = self.columns
+        raw_id = rec.get(c.id)
+        try:
+            pid = _clean_text(raw_id, "id")
+        except ValueError as e:
+            return Problem(row, None, str(e))
+        if pid is None:
+            return Problem(row, None, "missing id")
+        try:
+            title = _clean_text(rec.get(c.title), "title")
+            desc = _clean_text(rec.get(c.description), "description") if use_description else None
+        except ValueError as e:
+            return Problem(row, pid, str(e))
+        text = ". ".join(t for t in (title, desc) if t) or None
+        image = None
+        value = rec.get(c.image)
+        if not _is_missing(value) and not (isinstance(value, str) and not value.strip()):
+            try:
+                image = load_image_array(value, image_size, self.image_root, limits)
+            except ImageError as e:
+                return Problem(row, pid, f"bad image: {e}")
+        if image is None and text is None:
+            return Problem(row, pid, "no usable image and no title")
+        return Product(row, pid, text, image)

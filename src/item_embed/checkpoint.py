@@ -1,0 +1,185 @@
+"""Run directories and checkpoints: safetensors + JSON only, written atomically, checksummed.
+
+A run directory holds the exported model (``model.safetensors``, ``config.json``, tokenizer
+files) and ``checkpoints/step-NNNNNNNN/`` training states. Each checkpoint folder is written
+under a temporary name, fsynced, then renamed, and carries a manifest of SHA-256 sums checked
+on load, so a crash mid-write leaves the previous good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "item-embed/1"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def save_folder_atomic(final: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
+    """Write ``{name}.safetensors`` for each entry of ``tensors`` plus ``state.json`` into ``final``."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, group in tensors.items():
+        save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    sums = {}
+    for p in sorted(tmp.iterdir()):
+        _fsync_file(p)
+        sums[p.name] = sha256_file(p)
+    write_json_atomic(tmp / MANIFEST, {"format": FORMAT, "sha256": sums})
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def verify_folder(folder: Path) -> None:
+    """Raise CheckpointError unless every file in the manifest exists with its checksum."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (incomplete write?)")
+    try:
+        sums = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder}: unreadable manifest: {e}") from None
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing")
+        if sha256_file(path) != expected:
+            raise CheckpointError(f"{folder}: {name} fails its checksum (truncated or corrupted)")
+
+
+def load_folder(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    verify_folder(folder)
+    tensors = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
+    meta = json.loads((folder / "state.json").read_text())
+    return tensors, meta
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Checkpoint folders, newest step first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def latest_good_checkpoint(run_dir: Path, warn=print) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint that verifies; bad ones are reported and skipped."""
+    for folder in checkpoint_dirs(run_dir):
+        try:
+            tensors, meta = load_folder(folder)
+            return folder, tensors, meta
+        except (CheckpointError, OSError, ValueError) as e:
+            warn(f"warning: skipping checkpoint {folder.name}: {e}")
+    return None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in checkpoint_dirs(run_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten an optimizer's state for safetensors (tensors) and JSON (everything else)."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            tensors[f"{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_model(run_dir: Path, model, tokenizer, extra: dict[str, Any] | None = None) -> None:
+    """Export the encoder: weights, config (model + preprocessing) and tokenizer into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    weights = run_dir / "model.safetensors"
+    tmp = run_dir / ".model.safetensors.tmp"
+    save_file(_contiguous(model.state_dict()), str(tmp))
+    _fsync_file(tmp)
+    os.replace(tmp, weights)
+    tokenizer.save_pretrained(str(run_dir))
+    config = {"format": FORMAT, "model": model.cfg.to_dict(), "config_hash": model.cfg.config_hash(),
+              "weights_sha256": sha256_file(weights), **(extra or {})}
+    write_json_atomic(run_dir / "config.json", config)
+    _fsync_dir(run_dir)
+
+
+def load_model(run_dir: Path):
+    """Load an exported encoder and its config; refuses files that fail their checksum."""
+    from .config import ModelConfig
+    from .model import ItemModel
+
+    run_dir = Path(run_dir)
+    cfg_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise CheckpointError(f"{run_dir} is not an item-embed model folder (needs config.json and model.safetensors)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: unknown format {config.get('format')!r}")
+    if sha256_file(weights) != config.get("weights_sha256"):
+        raise CheckpointError(f"{weights} fails its checksum (truncated, corrupted or replaced)")
+    model = ItemModel(ModelConfig.from_dict(config["model"]))
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    return model, config

