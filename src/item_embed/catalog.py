@@ -124,9 +124,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv"):
             # Strings as-is ("NA" is a title, not a missing value); bytes that are not UTF-8
-            # survive as surrogates so that the row can be reported instead of the file failing.
+            # survive as surrogates so that the row can be reported instead of the file failing
+            # (object dtype: pandas' Arrow-backed strings refuse surrogates).
             return pd.read_csv(
-                path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
+                path, sep="\t" if suffix == ".tsv" else ",", dtype=object, keep_default_na=False,
                 na_values=[""], encoding="utf-8", encoding_errors="surrogateescape",
             )
         if suffix in (".jsonl", ".ndjson", ".json"):
@@ -262,6 +263,8 @@ class Catalog:
     ) -> Product | Problem:
         c = self.columns
         raw_id = rec.get(c.id)
+        if isinstance(raw_id, float) and raw_id.is_integer():
+            raw_id = int(raw_id)  # integer ids in a column that also has nulls arrive as floats
         try:
             pid = _clean_text(raw_id, "id")
         except ValueError as e:

@@ -7,12 +7,12 @@ through the same LayerNorm. The encoder is transformers' ``BertEncoder`` with SD
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
@@ -79,10 +79,11 @@ class ItemModel(nn.Module):
     @classmethod
     def from_minilm(cls, cfg: ModelConfig) -> "ItemModel":
         """Text embeddings and encoder from all-MiniLM-L6-v2 (offline); image side random."""
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model = cls(cfg)
-        pretrained = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False)
-        missing, unexpected = model.bert.load_state_dict(pretrained.state_dict(), strict=False)
+        weights = load_file(str(minilm_path() / "model.safetensors"))
+        # The export carries BERT's pooler (unused by ITEm) and an old position_ids buffer.
+        weights = {k: v for k, v in weights.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
+        missing, unexpected = model.bert.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
             raise RuntimeError(f"MiniLM weights do not fit: missing {missing}, unexpected {unexpected}")

@@ -1,0 +1,145 @@
+"""End to end on the built-in catalog: train -> checkpoint -> resume -> embed -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.numpy import load_file
+
+from item_embed.checkpoint import CheckpointError, checkpoint_dirs, load_model
+from item_embed.cli import main
+from item_embed.encode import ItemEncoder
+from item_embed.export import read_embeddings
+
+TRAIN = ["--preset", "tiny", "--batch-size", "8", "--no-progress", "--precision", "fp32"]
+
+
+def test_run_folder_contents(tiny_run):
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["model"]["preset"] == "tiny" and config["trained_steps"] == 6
+    assert (tiny_run / "model.safetensors").is_file() and (tiny_run / "tokenizer.json").is_file()
+    steps = [json.loads(line)["step"] for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+    assert [p.name for p in checkpoint_dirs(tiny_run)] == ["step-00000006", "step-00000003"]
+    report = json.loads((tiny_run / "catalog_report.json").read_text())
+    assert report["rows_in"] == report["rows_used"] + report["rows_reported"]
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_catalog, tiny_run, tmp_path):
+    """Stop after step 3 (drop later state), resume: the final weights equal the uninterrupted run's."""
+    run = tmp_path / "resumed"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    (run / "model.safetensors").unlink()
+    assert main(["train", str(tiny_catalog), "--out", str(run), "--steps", "6", "--save-every", "3",
+                 "--resume", *TRAIN]) == 0
+    a, b = load_file(str(tiny_run / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7)), "resumed log repeats or skips steps"
+
+
+def test_resume_skips_a_corrupted_checkpoint(tiny_catalog, tiny_run, tmp_path, capsys):
+    run = tmp_path / "corrupt"
+    shutil.copytree(tiny_run, run)
+    weights = run / "checkpoints" / "step-00000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    assert main(["train", str(tiny_catalog), "--out", str(run), "--steps", "6", "--save-every", "3",
+                 "--resume", *TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint step-00000006" in out and "resumed from step-00000003" in out
+
+
+def test_corrupted_model_is_refused(tiny_run, tmp_path):
+    run = tmp_path / "bad"
+    shutil.copytree(tiny_run, run)
+    data = bytearray((run / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (run / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_model(run)
+
+
+def test_embed_and_evaluate(tiny_catalog, tiny_run, tmp_path, capsys):
+    emb_path = tmp_path / "emb.parquet"
+    assert main(["embed", str(tiny_catalog), "--model", str(tiny_run), "--out", str(emb_path), "--no-progress",
+                 "--batch-size", "16"]) == 0
+    frame, emb = read_embeddings(emb_path)
+    catalog = pd.read_csv(tiny_catalog)
+    assert list(frame["id"]) == list(catalog["id"])
+    for col in ("title", "group", "category", "colour", "pattern"):
+        assert list(frame[col]) == list(catalog[col]), f"{col} not carried through"
+    assert emb.shape == (len(catalog), 64)
+    # The file's embeddings are what the library call gives.
+    lib = ItemEncoder.from_pretrained(tiny_run).encode(
+        [{"title": t, "image": tiny_catalog.parent / p} for t, p in zip(catalog["title"][:5], catalog["image"][:5])])
+    np.testing.assert_allclose(emb[:5], lib, atol=1e-5)
+
+    metrics = tmp_path / "metrics.json"
+    assert main(["evaluate", str(emb_path), "--group", "group", "--labels", "category,colour",
+                 "--out", str(metrics)]) == 0
+    result = json.loads(metrics.read_text())
+    assert result["retrieval"]["queries"] == len(catalog)  # every synthetic product has >= 2 listings
+    assert 0.0 <= result["retrieval"]["R@1"] <= 1.0
+    assert set(result) == {"retrieval", "knn:category", "knn:colour"}
+    assert "R@1=" in capsys.readouterr().out
+
+
+def test_embed_reports_bad_rows_and_strict_stops(tiny_catalog, tiny_run, tmp_path, capsys):
+    frame = pd.read_csv(tiny_catalog)
+    frame.loc[3, "image"] = "images/does-not-exist.jpg"
+    frame.loc[5, "id"] = frame.loc[4, "id"]
+    bad = tiny_catalog.parent / "bad.csv"
+    frame.to_csv(bad, index=False)
+    out = tmp_path / "emb.parquet"
+    assert main(["embed", str(bad), "--model", str(tiny_run), "--out", str(out), "--no-progress"]) == 0
+    written, _ = read_embeddings(out)
+    assert len(written) == len(frame) - 2
+    report = json.loads((tmp_path / "emb.report.json").read_text())
+    assert report["rows_in"] == len(frame) and report["rows_reported"] == 2
+    reasons = {p["row"]: p["reason"] for p in report["problems"]}
+    assert "not found" in reasons[3] and "duplicate id" in reasons[5]
+    printed = capsys.readouterr().out
+    assert f"row 3 (id {frame.loc[3, 'id']!r})" in printed
+
+    assert main(["embed", str(bad), "--model", str(tiny_run), "--out", str(tmp_path / "x.parquet"),
+                 "--no-progress", "--strict"]) == 2
+    assert frame.loc[3, "id"] in capsys.readouterr().err
+
+
+def _colour_catalog(path):
+    """A small fixed catalog where image and title must agree: coloured squares named by colour."""
+    import io
+
+    from PIL import Image
+
+    colours = {"red": (220, 20, 20), "green": (20, 180, 40), "blue": (20, 40, 220), "black": (10, 10, 10),
+               "yellow": (240, 220, 0), "cyan": (0, 200, 220), "orange": (250, 140, 0), "purple": (120, 20, 140)}
+    rows = []
+    for i in range(160):
+        name = list(colours)[i % len(colours)]
+        img = Image.new("RGB", (32, 32), "white")
+        img.paste(colours[name], (8 + i % 3, 8, 24 + i % 3, 24))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        rows.append({"id": f"c{i}", "title": f"a {name} square", "image": buf.getvalue()})
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_training_lowers_every_objective(tmp_path):
+    """On a small fixed catalog each enabled objective's loss goes down (ITM included)."""
+    catalog = _colour_catalog(tmp_path / "colours.parquet")
+    run = tmp_path / "learn"
+    assert main(["train", str(catalog), "--out", str(run), "--steps", "600", "--batch-size", "32", "--lr", "1e-3",
+                 "--save-every", "1000", "--preset", "tiny", "--no-progress", "--precision", "fp32"]) == 0
+    log = pd.DataFrame([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
+    for name in ("itm", "mlm", "mim", "global_mlm", "global_mim"):
+        first, last = log[name].iloc[:40].mean(), log[name].iloc[-40:].mean()
+        assert last < first * 0.9, f"{name}: {first:.4f} -> {last:.4f}"
