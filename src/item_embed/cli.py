@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--products", type=int, default=160)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    # Acting on embeddings: each module registers its own subcommands.
+    from . import cli_act
+
+    cli_act.register(sub)
     return p
 
 

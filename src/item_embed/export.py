@@ -28,7 +28,14 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
     report = report if report is not None else CatalogReport()
     cfg = encoder.cfg
     carried = catalog.extra_columns
-    metadata = {b"item_embed.model_id": encoder.model_id.encode(), b"item_embed.dim": str(encoder.dim).encode()}
+    metadata = {
+        b"item_embed.model_id": encoder.model_id.encode(),
+        b"item_embed.config_hash": encoder.cfg.config_hash().encode(),
+        b"item_embed.dim": str(encoder.dim).encode(),
+        # Where the products came from, so that search results can show their images later.
+        b"item_embed.catalog": str(Path(catalog.source).resolve()).encode(),
+        b"item_embed.image_root": str(Path(catalog.image_root).resolve()).encode(),
+    }
     tmp = out.with_name(f".{out.name}.tmp")
     writer = None
     written = 0
@@ -60,6 +67,13 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
         raise ValueError(f"no usable products in {catalog.source}: nothing to embed")
     tmp.replace(out)
     return written
+
+
+def read_embedding_metadata(path: str | Path) -> dict[str, str]:
+    """The ``item_embed.*`` metadata of an embedding file (model_id, config_hash, dim, catalog, image_root)."""
+    meta = pq.read_schema(path).metadata or {}
+    prefix = b"item_embed."
+    return {k[len(prefix):].decode(): v.decode() for k, v in meta.items() if k.startswith(prefix)}
 
 
 def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:

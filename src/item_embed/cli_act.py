@@ -1,0 +1,17 @@
+"""Subcommands that act on embeddings: index, search, dedup, classify, serve.
+
+Each feature module owns a ``register_*`` function; this file only collects them so the
+main CLI stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from . import cli_classify, cli_search, cli_serve
+
+    cli_search.register(sub)
+    cli_classify.register(sub)
+    cli_serve.register(sub)
