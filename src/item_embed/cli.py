@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .catalog import Catalog, CatalogError, CatalogReport, Columns
+from .checkpoint import CheckpointError
 from .config import ObjectiveConfig, TrainConfig, model_config_for, parse_loss_weights
 
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CatalogError, ValueError, FileNotFoundError) as e:
+    except (CatalogError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"item-embed {args.command}: error: {e}", file=sys.stderr)
         return 2
 
