@@ -225,11 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .index import IndexLoadError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CatalogError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"item-embed {args.command}: error: {e}", file=sys.stderr)
+    except (CatalogError, CheckpointError, IndexLoadError, ValueError, KeyError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"item-embed {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
