@@ -151,6 +151,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "bf16"  # autocast dtype on CPU: "bf16" or "fp32"
+    grad_accum: int = 1  # micro-batches per optimiser step (per process)
+    compile: bool = False  # torch.compile the encoder's forward
     save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 1

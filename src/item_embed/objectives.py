@@ -35,6 +35,17 @@ class MaskedBatch:
     itm_labels: torch.Tensor  # (B,) 1 matched, 0 swapped, IGNORE when the row lacks a modality
     matched: torch.Tensor  # (B,) bool: rows whose image is their own (masked losses use these)
 
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice) -> "MaskedBatch":
+        """The rows ``rows`` of every field (a rank's or a micro-batch's share)."""
+        return MaskedBatch(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
+
+    def to(self, device: torch.device) -> "MaskedBatch":
+        return MaskedBatch(**{k: None if v is None else v.to(device, non_blocking=True)
+                              for k, v in vars(self).items()})
+
 
 def _choose_donors(n: int, negatives: torch.Tensor, with_image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """For each negative row, another row (with an image) to take the image from."""

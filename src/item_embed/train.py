@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import (
@@ -24,9 +28,9 @@ from .checkpoint import (
     save_folder_atomic, save_model,
 )
 from .config import ModelConfig, TrainConfig
-from .data import Batch, ProductArrays
+from .data import ProductArrays
 from .model import ItemModel
-from .objectives import ItemObjectives, mask_batch, special_token_ids
+from .objectives import ItemObjectives, MaskedBatch, mask_batch, special_token_ids
 
 LOSS_KEYS = ("loss", "itm", "mlm", "mim", "global_mlm", "global_mim", "itm_acc")
 
@@ -72,11 +76,6 @@ def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[d
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _to(batch: Batch, device: torch.device) -> Batch:
-    mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-    return Batch(mv(batch.input_ids), mv(batch.text_mask), mv(batch.has_text), mv(batch.images), mv(batch.has_image))
-
-
 def data_fingerprint(data: ProductArrays) -> str:
     return hashlib.sha256("\n".join(data.ids).encode()).hexdigest()[:16]
 
@@ -96,6 +95,52 @@ def total_steps(n: int, cfg: TrainConfig) -> int:
     return max(1, int(math.ceil(cfg.epochs * max(1, n // cfg.batch_size))))
 
 
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None) -> tuple[Dist, torch.device]:
+    """Join the torchrun job if there is one (gloo on CPU, NCCL on GPU) and pick this rank's device."""
+    want_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), torch.device(device or ("cuda" if want_cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    dev = torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(dev)
+    return Dist(dist.get_rank(), dist.get_world_size()), dev
+
+
+class Pretrainer(nn.Module):
+    """Encoder + objective heads as one module, so DistributedDataParallel sees a single forward."""
+
+    def __init__(self, model: ItemModel, objectives: ItemObjectives) -> None:
+        super().__init__()
+        self.model = model
+        self.objectives = objectives
+
+    def forward(self, mb: MaskedBatch) -> dict[str, torch.Tensor]:
+        out = self.model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask)
+        return self.objectives(self.model, out, mb)
+
+
+def _shard(n: int, parts: int, index: int) -> slice:
+    """Contiguous slice ``index`` of ``parts`` nearly equal slices of range(n)."""
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
 def train(
     data: ProductArrays,
     tokenizer,
@@ -108,12 +153,19 @@ def train(
     log: Callable[[str], None] = print,
     extra: dict | None = None,
 ) -> TrainResult:
-    """Pre-train ITEm on ``data`` and export the encoder to ``run_dir``."""
+    """Pre-train ITEm on ``data`` and export the encoder to ``run_dir``.
+
+    Under torchrun each rank takes its share of every global batch (``cfg.batch_size`` rows in
+    all); masks and ITM swaps are drawn for the global batch, so a run's data and masking do not
+    depend on the number of processes. Rank 0 alone logs and writes checkpoints.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ddp_info, dev = setup_distributed(device)
+    log = log if ddp_info.main else (lambda _msg: None)
+    if ddp_info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if len(data) < 2:
         raise ValueError(f"need at least 2 usable products to train, got {len(data)}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     total = total_steps(len(data), cfg)
     start = 0
     model = build_model(model_cfg, cfg.seed)
@@ -138,61 +190,89 @@ def train(
         log(f"resumed from {folder.name} at step {start}/{total}")
     elif resume:
         log(f"no usable checkpoint in {run_dir}: starting from scratch")
-    model.to(dev).train()
-    objectives.to(dev).train()
+    per_rank = cfg.batch_size // ddp_info.world
+    if per_rank < cfg.grad_accum or per_rank < 1:
+        raise ValueError(f"batch size {cfg.batch_size} is too small for {ddp_info.world} processes x "
+                         f"{cfg.grad_accum} accumulation steps")
+    pretrainer = Pretrainer(model, objectives).to(dev).train()
+    if cfg.compile:
+        # Compile the encoder's forward only: the heads index masked positions (dynamic shapes).
+        model.forward = torch.compile(model.forward, dynamic=True)
     opt = torch.optim.AdamW(_param_groups([model, objectives], cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     if ckpt is not None:
         optimizer_from_tensors(opt, tensors["optimizer"], meta["optimizer"])
+    step_module: nn.Module = pretrainer
+    if ddp_info.world > 1:
+        # Some heads get no masked position in a micro-batch now and then: let DDP allow that.
+        step_module = DistributedDataParallel(pretrainer, find_unused_parameters=True)
 
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    if ddp_info.main:
+        _truncate_metrics(metrics_path, start)
     specials = special_token_ids(tokenizer)
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
-    bar = tqdm(total=total, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, disable=not (progress and ddp_info.main), desc="train",
+               dynamic_ncols=True)
+    params = [p for grp in opt.param_groups for p in grp["params"]]
     last: dict[str, float] = {}
     t0, samples = time.perf_counter(), 0
-    with open(metrics_path, "a") as metrics:
+    metrics = open(metrics_path, "a") if ddp_info.main else None
+    try:
         for step in range(start, total):
             lr = lr_at(step, total, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(_step_seed(cfg.seed, step, 2))  # dropout
             g = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 3))
             batch = data.batch(batch_indices(len(data), cfg.batch_size, cfg.seed, step))
             mb = mask_batch(batch, cfg.objectives, model_cfg.num_patches, specials, tokenizer.mask_token_id,
                             model_cfg.vocab_size, g)
-            mb = _masked_to(mb, dev)
-            with autocast:
-                out = model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask)
-                losses = objectives(model, out, mb)
+            mine = mb.select(_shard(len(batch), ddp_info.world, ddp_info.rank))
             opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for grp in opt.param_groups for p in grp["params"]], cfg.grad_clip
-            )
+            sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+            counts = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+            for j in range(cfg.grad_accum):
+                piece = mine.select(_shard(len(mine), cfg.grad_accum, j)).to(dev)
+                micro = ddp_info.rank * cfg.grad_accum + j
+                torch.manual_seed(_step_seed(cfg.seed, step, 2) + 104_729 * micro)  # dropout
+                sync = j == cfg.grad_accum - 1 or ddp_info.world == 1
+                with (nullcontext() if sync else step_module.no_sync()), autocast:
+                    losses = step_module(piece)
+                (losses["loss"] / cfg.grad_accum).backward()
+                for i, key in enumerate(LOSS_KEYS):
+                    if key in losses:
+                        sums[i] += float(losses[key].detach())
+                        counts[i] += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if ddp_info.world > 1:
+                dist.all_reduce(sums)
+                dist.all_reduce(counts)
             samples += len(batch)
-            last = {k: float(v.detach()) for k, v in losses.items()}
-            record = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), **last}
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            last = {k: float(sums[i] / counts[i]) for i, k in enumerate(LOSS_KEYS) if counts[i] > 0}
+            if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+                record = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), **last}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             bar.set_postfix({k: f"{last[k]:.3f}" for k in LOSS_KEYS if k in last}, refresh=False)
             bar.update(1)
             if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-                _save_checkpoint(run_dir, model, objectives, opt, step + 1, total, model_cfg, cfg, data)
-    bar.close()
+                if ddp_info.main:
+                    _save_checkpoint(run_dir, model, objectives, opt, step + 1, total, model_cfg, cfg, data)
+                if ddp_info.world > 1:
+                    dist.barrier()
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
     seconds = time.perf_counter() - t0
+    if cfg.compile:
+        del model.forward  # back to the plain method before export
     model.cpu().eval()
-    save_model(run_dir, model, tokenizer, {"train": cfg.to_dict(), "trained_steps": total, **(extra or {})})
+    if ddp_info.main:
+        save_model(run_dir, model, tokenizer, {"train": cfg.to_dict(), "trained_steps": total, **(extra or {})})
+    if ddp_info.world > 1:
+        dist.barrier()
     return TrainResult(run_dir, total, last, seconds, samples / max(seconds, 1e-9))
-
-
-def _masked_to(mb, dev: torch.device):
-    if dev.type == "cpu":
-        return mb
-    fields = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in vars(mb).items()}
-    return type(mb)(**fields)
 
 
 def _save_checkpoint(run_dir: Path, model, objectives, opt, step: int, total: int, model_cfg: ModelConfig,
