@@ -1,7 +1,194 @@
-"""Placeholder: filled in by its feature work."""
+"""``item-embed classify fit|predict``: category prediction, a thin layer over ``classify``.
+
+Prediction files hold ``id``, then ``label_1 .. label_k`` (best first) and ``prob_1 .. prob_k``
+(float32), then the catalog's other columns (the image excepted), one row per usable product.
+"""
 
 from __future__ import annotations
 
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from .catalog import CatalogError, CatalogReport
+from .cli import _add_catalog_args, _finish_report, _open_catalog, format_table
+
+
+def _encode(encoder, products, batch_size: int, progress: bool) -> np.ndarray:
+    parts = [encoder.encode_products(products[i : i + batch_size])
+             for i in tqdm(range(0, len(products), batch_size), disable=not progress, desc="embed")]
+    return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), dtype=np.float32)
+
+
+def _split_keys(frame: pd.DataFrame, rows: list[int], ids: list[str], group: str | None) -> tuple[list, str]:
+    """Group of each product (its id where the group is missing), and what the split is by."""
+    if group is None:
+        if "group" not in frame:
+            return ids, "id"
+        group = "group"
+    elif group not in frame:
+        raise CatalogError(f"catalog has no group column {group!r}")
+    values = frame[group].iloc[rows].tolist()
+    return [pid if pd.isna(v) else f"g:{v}" for v, pid in zip(values, ids)], f"group column {group!r}"
+
+
+def cmd_fit(a: argparse.Namespace) -> int:
+    from .classify import fit_finetune, fit_linear
+    from .encode import ItemEncoder
+
+    encoder = ItemEncoder.from_pretrained(a.model, device=a.device)
+    catalog = _open_catalog(a)
+    if a.label not in catalog.frame:
+        raise CatalogError(f"catalog {a.catalog} has no label column {a.label!r} "
+                           f"(columns: {', '.join(map(str, catalog.frame.columns))})")
+    report = CatalogReport()
+    t0 = time.perf_counter()
+    cfg = encoder.cfg
+    products = catalog.load_all(cfg.image_size, use_description=cfg.use_description, strict=a.strict, report=report)
+    if not products:
+        raise ValueError(f"no usable products in {a.catalog}")
+    rows = [p.row for p in products]
+    labels = catalog.frame[a.label].iloc[rows].tolist()
+    keys, split_by = _split_keys(catalog.frame, rows, [p.id for p in products], a.group)
+    print(f"{len(products)} products; held-out split by {split_by}")
+    if a.finetune:
+        clf = fit_finetune(products, labels, keys, encoder, label_column=a.label, epochs=a.epochs,
+                           batch_size=a.batch_size, lr=a.lr, head_lr=a.head_lr, precision=a.precision,
+                           seed=a.seed, device=a.device, progress=not a.no_progress)
+    else:
+        emb = _encode(encoder, products, a.batch_size, not a.no_progress)
+        clf = fit_linear(emb, labels, keys, model_id=encoder.model_id, label_column=a.label, C=a.C,
+                         refit_all=not a.no_refit)
+    clf.options["split"] = split_by
+    out = clf.save(a.out)
+    h = clf.metrics["heldout"]
+    print(f"trained in {time.perf_counter() - t0:.1f}s: {len(clf.labels)} classes, on {clf.metrics['trained_on']}")
+    print(f"held-out accuracy {h['accuracy']:.3f}  macro-F1 {h['macro_f1']:.3f}  "
+          f"({h['scored_rows']} test rows scored, {h['unscored_rows']} not scored, {h['train_rows']} train rows)")
+    print(f"classifier: {out} (model {clf.model_id})")
+    _finish_report(report, out, "catalog_report.json")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from .classify import Classifier, score_predictions
+    from .encode import ItemEncoder
+
+    if a.k < 1:
+        raise ValueError(f"-k must be at least 1, not {a.k}")
+    clf = Classifier.load(a.classifier, device=a.device, precision=a.precision)
+    encoder = clf.encoder
+    if a.model:
+        given = ItemEncoder.from_pretrained(a.model, device=a.device, precision=a.precision)
+        clf.check_model(given.model_id)
+        encoder = encoder or given
+    if encoder is None:
+        raise ValueError(f"classifier {a.classifier} works on embeddings of model {clf.model_id}: "
+                         "pass that model with --model RUN_DIR")
+    k = min(a.k, len(clf.labels))
+    if k < a.k:
+        print(f"-k {a.k} capped at the classifier's {k} classes")
+    catalog = _open_catalog(a)
+    label_col = a.label or clf.label_column
+    score = label_col is not None and label_col in catalog.frame
+    names = [f"label_{i}" for i in range(1, k + 1)] + [f"prob_{i}" for i in range(1, k + 1)]
+    carried = [c for c in catalog.extra_columns if c not in names]
+    if len(carried) < len(catalog.extra_columns):
+        print(f"not carried (name taken by a prediction column): {sorted(set(catalog.extra_columns) - set(carried))}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    meta = {b"item_embed.model_id": clf.model_id.encode(),
+            b"item_embed.classifier": str(Path(a.classifier).resolve()).encode()}
+    report = CatalogReport()
+    cfg = encoder.cfg
+    tops, truth = [], []
+    writer = None
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(catalog), disable=a.no_progress, desc="classify", dynamic_ncols=True)
+    try:
+        for chunk in catalog.iter_chunks(cfg.image_size, cfg.use_description, a.strict, report,
+                                         chunk_size=a.batch_size * 4):
+            bar.update(len(chunk))
+            if not chunk:
+                continue
+            emb = _encode(encoder, chunk, a.batch_size, False)
+            top = clf.top_k(emb, k)
+            part = catalog.frame.iloc[[p.row for p in chunk]][carried].reset_index(drop=True)
+            cols = {"id": [p.id for p in chunk]}
+            for i in range(k):
+                cols[f"label_{i + 1}"] = [t[i][0] for t in top]
+            for i in range(k):
+                cols[f"prob_{i + 1}"] = np.array([t[i][1] for t in top], dtype=np.float32)
+            frame = pd.concat([pd.DataFrame(cols), part], axis=1)
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema.with_metadata(meta))
+            writer.write_table(table.cast(writer.schema))
+            if score:
+                tops.extend(top)
+                truth.extend(part[label_col].tolist() if label_col in part else [None] * len(chunk))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ValueError(f"no usable products in {a.catalog}: nothing to classify")
+    tmp.replace(out)
+    n = report.used
+    print(f"classified {n} products in {time.perf_counter() - t0:.1f}s -> {out} (columns label_1..label_{k}, "
+          f"prob_1..prob_{k})")
+    if score:
+        s = score_predictions(tops, truth, clf.labels)
+        print(format_table({f"labels {label_col!r}": {k_: v for k_, v in s.items() if k_ != "unseen_labels"}}))
+        if s["unseen_rows"]:
+            unseen = list(s["unseen_labels"])
+            print(f"{s['unseen_rows']} rows carry {len(unseen)} labels the classifier never saw (counted as wrong): "
+                  + ", ".join(repr(x) for x in unseen[:20]) + (f" ... and {len(unseen) - 20} more" if len(unseen) > 20 else ""))
+    elif label_col is not None:
+        print(f"no label column {label_col!r} in the catalog: accuracy not reported")
+    _finish_report(report, out.parent, out.stem + ".report.json")
+    return 0
+
 
 def register(sub) -> None:
-    pass
+    c = sub.add_parser("classify", help="category prediction: fit a classifier, predict labels")
+    cs = c.add_subparsers(dest="action", required=True)
+
+    f = cs.add_parser("fit", help="train a classifier on a labelled catalog (held-out accuracy and macro-F1)")
+    _add_catalog_args(f)
+    f.add_argument("--model", required=True, help="run folder of a trained model")
+    f.add_argument("--label", required=True, help="label column (e.g. category)")
+    f.add_argument("--out", required=True, help="classifier folder to write")
+    f.add_argument("--group", help="column for the held-out split (default: 'group' if present, else the id)")
+    f.add_argument("--finetune", action="store_true",
+                   help="fine-tune the whole model with a linear head on [CLS] (default: linear head on frozen embeddings)")
+    f.add_argument("--epochs", type=float, default=3.0, help="fine-tuning epochs")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--lr", type=float, default=5e-5, help="fine-tuning learning rate of the encoder")
+    f.add_argument("--head-lr", type=float, default=1e-3, help="fine-tuning learning rate of the head")
+    f.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="fine-tuning autocast")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--C", type=float, default=1.0, help="inverse regularisation of the linear head")
+    f.add_argument("--no-refit", action="store_true",
+                   help="linear head: keep the train-fold fit instead of refitting on all labelled rows")
+    f.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    f.set_defaults(func=cmd_fit)
+
+    p = cs.add_parser("predict", help="top-k labels for every product of a catalog")
+    _add_catalog_args(p)
+    p.add_argument("--classifier", required=True, help="classifier folder from `classify fit`")
+    p.add_argument("--model", help="run folder of the model the classifier was trained on (not needed when fine-tuned)")
+    p.add_argument("--out", required=True, help="output .parquet: id, label_1..label_k, prob_1..prob_k, carried columns")
+    p.add_argument("-k", type=int, default=5, help="labels per product")
+    p.add_argument("--label", help="label column to score against (default: the one the classifier was fitted on)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_predict)

@@ -1,7 +1,64 @@
-"""Placeholder: filled in by its feature work."""
+"""Subcommand ``serve``: the search API and page (service.py) under uvicorn."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 
-def register(sub) -> None:
-    pass
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from .catalog import Columns
+    from .checkpoint import CheckpointError
+    from .index import IndexLoadError
+    from .service import load_service
+
+    if a.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, not {a.max_upload_mb}")
+    if a.threads < 1:
+        raise ValueError(f"--threads must be at least 1, not {a.threads}")
+    logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(levelname)s:     %(name)s: %(message)s")
+    columns = Columns(id=a.id_column, title=a.title_column, image=a.image_column)
+    try:
+        app = load_service(a.model, a.index, a.classifier, a.catalog, a.image_root, columns=columns, device=a.device,
+                           max_upload_bytes=int(a.max_upload_mb * 1_000_000), threads=a.threads,
+                           title_column=a.title_column)
+    except (IndexLoadError, CheckpointError) as e:
+        print(f"item-embed serve: error: {e}", file=sys.stderr)
+        return 2
+    health = app.state.service.health()
+    host = f"[{a.host}]" if ":" in a.host else a.host
+    print(f"serving {health.index_size} products (model {health.model_id}, dim {health.dim})"
+          + (f", classifier: {health.classifier}" if health.classifier else "")
+          + ("" if health.images else ", no product images (no catalog)"))
+    print(f"search page: http://{host}:{a.port}/   API docs: http://{host}:{a.port}/docs", flush=True)
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {a.host}: reachable from other machines; the API has no authentication",
+              file=sys.stderr)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="search API and web page over an index",
+                       description="Serve POST /search, GET /similar/{id}, /embed, /classify, /products/{id}[/image] "
+                                   "and /health, with a search page at / and the OpenAPI docs at /docs.")
+    s.add_argument("--model", required=True, help="run folder of the model that built the index")
+    s.add_argument("--index", required=True, help="index folder from `item-embed index` (refused if built by another model)")
+    s.add_argument("--classifier", help="classifier folder from `item-embed classify fit`: predicted labels on results")
+    s.add_argument("--catalog", help="catalog to show product images from (default: the one the embeddings came from)")
+    s.add_argument("--image-root", help="folder that the catalog's relative image paths start from "
+                                        "(default: the one recorded in the index, or the catalog's folder)")
+    s.add_argument("--id-column", default="id")
+    s.add_argument("--title-column", default="title")
+    s.add_argument("--image-column", default="image")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image upload in MB (default 10)")
+    s.add_argument("--threads", type=int, default=2, help="model forward passes run at once (default 2)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)

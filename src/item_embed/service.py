@@ -1,0 +1,650 @@
+"""HTTP search service: a trained encoder + a product index (+ optionally a classifier) behind FastAPI.
+
+``create_app(encoder, index, ...)`` builds the app from loaded objects (what the tests use);
+``load_service(model_dir, index_dir, ...)`` loads them from folders, refusing an index built by
+another model. Endpoints::
+
+    POST /search               multipart image and/or title, k -> nearest products
+    GET  /similar/{id}?k=      nearest products to an indexed product (itself excluded)
+    POST /embed                multipart image and/or title -> the embedding
+    POST /classify             multipart image and/or title, k -> top-k labels (needs a classifier)
+    GET  /products/{id}        carried metadata of an indexed product
+    GET  /products/{id}/image  the product's catalog image as a JPEG thumbnail
+    GET  /health               model id, index size, dimension, limits
+    GET  /                     the search page (static/index.html); /docs and /openapi.json
+
+Model calls are CPU-bound and run in worker threads (torch releases the GIL); a semaphore caps
+how many forward passes run at once so that concurrent requests do not oversubscribe the cores.
+Every client error is a 4xx with ``{"detail": message}``; anything unexpected is logged and
+answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Iterable
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
+
+from .catalog import Catalog, Columns, read_table
+from .encode import ItemEncoder
+from .images import DEFAULT_MAX_PIXELS, ImageError, ImageLimits, decode_image
+from .index import ProductIndex
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+DEFAULT_MAX_UPLOAD_BYTES = 10_000_000
+MAX_K = 100
+THUMBNAIL_PX = 256
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, headers, the title and k on top of the file
+MAX_TITLE_BYTES = 16 * 1024
+PREDICTION_CACHE = 50_000  # fine-tuned classifier: predicted labels of catalog products kept
+
+
+class ServiceLoadError(ValueError):
+    """The model, index, classifier or catalog given to the service do not go together."""
+
+
+# --------------------------------------------------------------------------------------------
+# Response schemas (they are also the OpenAPI documentation)
+# --------------------------------------------------------------------------------------------
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float
+
+
+class ProductOut(BaseModel):
+    id: str
+    title: str | None = None
+    image_url: str | None = Field(None, description="thumbnail URL, null when the product has no catalog image")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="carried catalog columns")
+
+
+class HitOut(ProductOut):
+    score: float = Field(description="cosine similarity to the query")
+    predicted_category: Prediction | None = Field(None, description="top label when a classifier is loaded")
+
+
+class QueryOut(BaseModel):
+    modalities: list[str] = Field(description="what the query embedding was made from: image, title")
+    product: ProductOut | None = Field(None, description="the indexed product searched from (/similar)")
+    predicted_category: Prediction | None = None
+
+
+class SearchOut(BaseModel):
+    query: QueryOut
+    k: int
+    hits: list[HitOut]
+    label_column: str | None = Field(None, description="what the classifier predicts (e.g. category)")
+    took_ms: float
+
+
+class EmbedOut(BaseModel):
+    embedding: list[float]
+    dim: int
+    model_id: str
+    modalities: list[str]
+
+
+class ClassifyOut(BaseModel):
+    labels: list[Prediction]
+    label_column: str | None
+    model_id: str
+    modalities: list[str]
+
+
+class HealthOut(BaseModel):
+    status: str
+    model_id: str
+    index_size: int
+    dim: int
+    index_kind: str | None
+    classifier: str | None = Field(description="the classifier's label column, null when none is loaded")
+    images: bool = Field(description="whether product images can be served")
+    max_upload_bytes: int
+    max_k: int
+
+
+# --------------------------------------------------------------------------------------------
+# Product images from the catalog the embeddings came from
+# --------------------------------------------------------------------------------------------
+
+
+def _clean_id(value: Any) -> str | None:
+    """An id as the catalog reader spells it (integer floats as ints, whitespace collapsed)."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = " ".join(str(value).split())
+    return text or None
+
+
+class ProductImages:
+    """Catalog images of indexed products: encoded bytes, or paths that must stay under ``root``.
+
+    A path that resolves outside the root (``../``, an absolute path, a symlink pointing out) is
+    refused, so the service can never be made to read an arbitrary file.
+    """
+
+    def __init__(self, sources: dict[str, bytes | str], root: Path | None, limits: ImageLimits) -> None:
+        self._sources = sources
+        self.root = root.resolve() if root is not None else None
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._thumbs: dict[str, bytes] = {}  # small LRU by insertion order
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog, ids: Iterable[str] | None = None,
+                     limits: ImageLimits | None = None) -> "ProductImages":
+        """Map product id -> image value for the rows of ``catalog`` (first row wins on duplicates)."""
+        col_id, col_image = catalog.columns.id, catalog.columns.image
+        wanted = set(ids) if ids is not None else None
+        sources: dict[str, bytes | str] = {}
+        if col_image in catalog.frame:
+            for raw_id, value in zip(catalog.frame[col_id], catalog.frame[col_image]):
+                pid = _clean_id(raw_id)
+                if pid is None or pid in sources or (wanted is not None and pid not in wanted):
+                    continue
+                if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
+                    sources[pid] = bytes(value)
+                elif isinstance(value, str) and value.strip():
+                    sources[pid] = value.strip()
+        return cls(sources, Path(catalog.image_root), limits or ImageLimits())
+
+    def __contains__(self, product_id: str) -> bool:
+        return product_id in self._sources
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def source(self, product_id: str) -> bytes | Path:
+        """The product's image bytes or confined path; KeyError when it has none, ImageError when refused."""
+        value = self._sources[product_id]
+        if isinstance(value, bytes):
+            return value
+        if self.root is None:
+            raise ImageError("no image root to resolve the catalog path against")
+        path = (self.root / value).resolve()  # an absolute value replaces the root: checked below
+        if not path.is_relative_to(self.root):
+            raise ImageError(f"image path {value!r} is outside the image root")
+        return path
+
+    def thumbnail(self, product_id: str, size: int = THUMBNAIL_PX) -> bytes:
+        """The product image decoded under the limits and re-encoded as a JPEG of at most ``size`` px."""
+        with self._lock:
+            cached = self._thumbs.get(product_id)
+        if cached is not None:
+            return cached
+        im = decode_image(self.source(product_id), None, self.limits, draft_size=size)
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=88)
+        data = buf.getvalue()
+        with self._lock:
+            self._thumbs[product_id] = data
+            while len(self._thumbs) > 4096:
+                self._thumbs.pop(next(iter(self._thumbs)))
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# The service: everything the endpoints do, without HTTP
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchQuery:
+    """A validated request: image bytes and/or a title."""
+
+    image: bytes | None
+    title: str | None
+
+    @property
+    def modalities(self) -> list[str]:
+        return [name for name, v in (("image", self.image), ("title", self.title)) if v is not None]
+
+
+def _jsonable(value: Any) -> Any:
+    """A metadata cell as plain JSON (numpy scalars unwrapped, NaN -> null)."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return None  # binary columns are not metadata to show
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return str(value)
+
+
+class SearchService:
+    """Encoder + index (+ classifier, + catalog images), with the checks the endpoints rely on."""
+
+    def __init__(self, encoder: ItemEncoder, index: ProductIndex, classifier=None, images: ProductImages | None = None,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 threads: int = 2, title_column: str = "title") -> None:
+        if index.model_id != encoder.model_id:
+            raise ServiceLoadError(f"the index was built by model {index.model_id}, the encoder is {encoder.model_id}: "
+                                   "rebuild the index with this model")
+        if index.dim != encoder.dim:
+            raise ServiceLoadError(f"the index has dimension {index.dim}, the encoder {encoder.dim}")
+        self.encoder = encoder
+        self.index = index
+        self.classifier = classifier
+        # A fine-tuned classifier embeds with its own encoder; a linear one with the index's.
+        self.clf_encoder = None
+        if classifier is not None:
+            self.clf_encoder = classifier.encoder or encoder
+            try:
+                classifier.check_model(self.clf_encoder.model_id)
+            except ValueError as e:
+                raise ServiceLoadError(str(e)) from None
+        self.images = images
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.limits = ImageLimits(max_pixels=int(max_pixels), max_bytes=self.max_upload_bytes)
+        self.title_column = title_column
+        self._row_of = {pid: i for i, pid in enumerate(index.ids)}
+        # Cap concurrent forward passes: each already uses every core through intra-op threads.
+        self._slots = threading.BoundedSemaphore(max(1, int(threads)))
+        self._pred_lock = threading.Lock()
+        self._pred_cache: dict[str, Prediction | None] = {}
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One title through each encoder before serving: the fast tokenizer sets its truncation
+        state on the first call (a mutation); afterwards concurrent calls only read it."""
+        for enc in {id(e): e for e in (self.encoder, self.clf_encoder) if e is not None}.values():
+            enc.encode_products([enc.to_product({"title": "warm up"})])
+
+    # ------------------------------------------------------------------ queries
+
+    def check_image_header(self, data: bytes) -> None:
+        """413 for images whose header claims more pixels than the cap, before any decoding."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as im:
+                    w, h = im.size
+        except Image.DecompressionBombError as e:
+            raise HTTPException(413, f"image refused: decompression bomb ({e})") from None
+        except Exception:  # not an image at all: decode_image names the problem below
+            return
+        if w * h > self.limits.max_pixels:
+            raise HTTPException(413, f"image claims {w}x{h} px, over the {self.limits.max_pixels:,}-pixel cap")
+
+    def embed(self, query: SearchQuery, encoder: ItemEncoder | None = None) -> np.ndarray:
+        """The query's L2-normalised embedding (d,); 4xx HTTPException for an unusable query."""
+        enc = encoder or self.encoder
+        record: dict[str, Any] = {"id": "query", "title": query.title}
+        if query.image is not None:
+            self.check_image_header(query.image)
+            try:
+                record["image"] = decode_image(query.image, None, self.limits, draft_size=enc.cfg.image_size)
+            except ImageError as e:
+                raise HTTPException(422, f"unusable image: {e}") from None
+        try:
+            product = enc.to_product(record, 0, None, self.limits)
+        except ValueError as e:  # ImageError included
+            raise HTTPException(422, str(e)) from None
+        with self._slots:
+            return enc.encode_products([product])[0]
+
+    def predict_query(self, query: SearchQuery, vector: np.ndarray) -> Prediction | None:
+        if self.classifier is None:
+            return None
+        if self.clf_encoder is not self.encoder:
+            vector = self.embed(query, self.clf_encoder)
+        (label, p), = self.classifier.top_k(vector[None, :], 1)[0]
+        return Prediction(label=label, probability=p)
+
+    def classify(self, query: SearchQuery, k: int) -> ClassifyOut:
+        if self.classifier is None:
+            raise HTTPException(404, "no classifier is loaded: start the service with --classifier CLF_DIR")
+        vector = self.embed(query, self.clf_encoder)
+        top = self.classifier.top_k(vector[None, :], k)[0]
+        return ClassifyOut(labels=[Prediction(label=lab, probability=p) for lab, p in top],
+                           label_column=self.classifier.label_column, model_id=self.classifier.model_id,
+                           modalities=query.modalities)
+
+    def search(self, query: SearchQuery, k: int) -> SearchOut:
+        t0 = time.perf_counter()
+        vector = self.embed(query)
+        hits = self.index.search(vector[None, :], k)[0]
+        q = QueryOut(modalities=query.modalities, predicted_category=self.predict_query(query, vector))
+        return self._answer(q, hits, k, t0)
+
+    def similar(self, product_id: str, k: int) -> SearchOut:
+        t0 = time.perf_counter()
+        if product_id not in self._row_of:
+            raise HTTPException(404, f"product {product_id!r} is not in the index")
+        hits = self.index.search_id(product_id, k)
+        q = QueryOut(modalities=["product"], product=self.product(product_id))
+        return self._answer(q, hits, k, t0)
+
+    def _answer(self, q: QueryOut, hits, k: int, t0: float) -> SearchOut:
+        predictions = self._hit_predictions([h.id for h in hits])
+        out = []
+        for h, pred in zip(hits, predictions):
+            p = self._product_at(h.id, h.row)
+            out.append(HitOut(**p.model_dump(), score=h.score, predicted_category=pred))
+        label_column = self.classifier.label_column if self.classifier is not None else None
+        return SearchOut(query=q, k=k, hits=out, label_column=label_column,
+                         took_ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    # ------------------------------------------------------------------ products
+
+    def image_url(self, product_id: str) -> str | None:
+        if self.images is None or product_id not in self.images:
+            return None
+        return f"/products/{quote(product_id, safe='')}/image"
+
+    def product(self, product_id: str) -> ProductOut:
+        row = self._row_of.get(product_id)
+        if row is None:
+            raise HTTPException(404, f"product {product_id!r} is not in the index")
+        return self._product_at(product_id, row)
+
+    def _product_at(self, product_id: str, row: int) -> ProductOut:
+        cells = {str(k): _jsonable(v) for k, v in self.index.metadata.iloc[row].items()}
+        title = cells.pop(self.title_column, None)
+        return ProductOut(id=product_id, title=title if isinstance(title, str) else None,
+                          image_url=self.image_url(product_id), metadata=cells)
+
+    def thumbnail(self, product_id: str) -> bytes:
+        if product_id not in self._row_of:
+            raise HTTPException(404, f"product {product_id!r} is not in the index")
+        if self.images is None:
+            raise HTTPException(404, "no catalog loaded: product images are not available")
+        if product_id not in self.images:
+            raise HTTPException(404, f"product {product_id!r} has no image in the catalog")
+        try:
+            return self.images.thumbnail(product_id)
+        except ImageError as e:
+            raise HTTPException(404, f"image of product {product_id!r} is not available: {e}") from None
+
+    # ------------------------------------------------------------------ classifier on results
+
+    def _hit_predictions(self, ids: list[str]) -> list[Prediction | None]:
+        """Top label of each listed indexed product (None without a classifier)."""
+        if self.classifier is None or not ids:
+            return [None] * len(ids)
+        if self.clf_encoder is self.encoder:
+            vectors = np.stack([self.index.vector(i) for i in ids])  # (n, d)
+            return [Prediction(label=t[0][0], probability=t[0][1]) for t in self.classifier.top_k(vectors, 1)]
+        # Fine-tuned: the products have to go through the classifier's own encoder (cached).
+        with self._pred_lock:
+            missing = [i for i in ids if i not in self._pred_cache]
+        if missing:
+            found = self._predict_products(missing)
+            with self._pred_lock:
+                if len(self._pred_cache) > PREDICTION_CACHE:
+                    self._pred_cache.clear()
+                self._pred_cache.update(found)
+        with self._pred_lock:
+            return [self._pred_cache.get(i) for i in ids]
+
+    def _predict_products(self, ids: list[str]) -> dict[str, Prediction | None]:
+        enc = self.clf_encoder
+        products, owners = [], []
+        for i in ids:
+            title = self.index.metadata.iloc[self._row_of[i]].get(self.title_column)
+            record: dict[str, Any] = {"id": i, "title": title if isinstance(title, str) else None}
+            if self.images is not None and i in self.images:
+                try:
+                    record["image"] = self.images.source(i)
+                except ImageError:
+                    pass
+            try:
+                products.append(enc.to_product(record, 0, None, self.limits))
+                owners.append(i)
+            except ValueError:
+                continue  # neither a usable image nor a title: no prediction
+        out: dict[str, Prediction | None] = {i: None for i in ids}
+        if products:
+            with self._slots:
+                vectors = enc.encode_products(products)
+            for i, top in zip(owners, self.classifier.top_k(vectors, 1)):
+                out[i] = Prediction(label=top[0][0], probability=top[0][1])
+        return out
+
+    def health(self) -> HealthOut:
+        return HealthOut(status="ok", model_id=self.encoder.model_id, index_size=len(self.index), dim=self.index.dim,
+                         index_kind=getattr(self.index, "kind", None),
+                         classifier=(self.classifier.label_column or "label") if self.classifier is not None else None,
+                         images=self.images is not None and len(self.images) > 0,
+                         max_upload_bytes=self.max_upload_bytes, max_k=MAX_K)
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------------
+
+class _BodyLimit:
+    """413 with a JSON message for request bodies over ``limit`` bytes.
+
+    A Content-Length over the limit is refused before any byte is read; a body without one
+    (chunked) is counted as it arrives and refused as soon as it passes the limit, so at most
+    ``limit`` bytes plus one ASGI message are read.
+    """
+
+    def __init__(self, app, limit: int, message: str) -> None:
+        self.app, self.limit, self.message = app, limit, message
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.limit):
+            bad = not length.strip().isdigit()
+            response = JSONResponse({"detail": "invalid Content-Length" if bad else self.message},
+                                    status_code=400 if bad else 413, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # raised inside form parsing: FastAPI passes HTTPExceptions on
+                    raise HTTPException(413, self.message, headers={"Connection": "close"})
+            return message
+
+        await self.app(scope, counted, send)
+
+
+ImageField = Annotated[UploadFile | None, File(description="query image (JPEG, PNG, WebP, ...)")]
+TitleField = Annotated[str | None, Form(description="query title")]
+KForm = Annotated[int, Form(ge=1, le=MAX_K, description="number of results")]
+KQuery = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
+IdPath = Annotated[str, PathParam(description="product id")]
+
+
+def _first_error(errors: list[dict]) -> str:
+    if not errors:
+        return "invalid request"
+    e = errors[0]
+    where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path"))
+    return f"{where}: {e.get('msg', 'invalid value')}" if where else str(e.get("msg", "invalid request"))
+
+
+def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catalog: Catalog | ProductImages | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+               threads: int = 2, title_column: str = "title") -> FastAPI:
+    """The search app over loaded objects.
+
+    encoder: the model that built ``index`` (checked by model id); classifier: a
+    ``classify.Classifier`` (linear on this encoder, or fine-tuned with its own); catalog: where
+    product images come from (a ``Catalog`` or ``ProductImages``; None: no images);
+    max_upload_bytes: largest accepted image upload (the whole request body gets a little more
+    for the multipart framing and the title); max_pixels: pixel cap checked on the image header
+    before decoding; threads: forward passes allowed to run at once.
+    """
+    images = catalog
+    if isinstance(catalog, Catalog):
+        # Catalog files are the operator's: the upload byte cap does not apply, the pixel cap does.
+        images = ProductImages.from_catalog(catalog, index.ids, ImageLimits(max_pixels=int(max_pixels)))
+    svc = SearchService(encoder, index, classifier, images, max_upload_bytes, max_pixels, threads, title_column)
+    body_limit = int(max_upload_bytes) + FORM_OVERHEAD_BYTES
+
+    app = FastAPI(
+        title="item-embed search",
+        version="1",
+        summary="Nearest products to an image and/or a title, from ITEm product embeddings.",
+        form_limits={"max_files": 1, "max_fields": 8, "max_part_size": MAX_TITLE_BYTES},
+    )
+    app.state.service = svc
+
+    app.add_middleware(_BodyLimit, limit=body_limit,
+                       message=f"request too large: image uploads are limited to {svc.max_upload_bytes:,} bytes")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str, bytes: lambda b: f"<{len(b)} bytes>"})
+        return JSONResponse({"detail": _first_error(errors), "errors": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal server error (logged on the server)"}, status_code=500)
+
+    async def read_query(image: UploadFile | None, title: str | None) -> SearchQuery:
+        data = None
+        if image is not None:
+            data = await image.read(svc.max_upload_bytes + 1)  # never more than the cap + 1
+            if len(data) > svc.max_upload_bytes:
+                raise HTTPException(413, f"image upload is over the {svc.max_upload_bytes:,}-byte limit")
+            if not data:
+                if image.filename:
+                    raise HTTPException(422, f"uploaded image {image.filename!r} is empty")
+                data = None  # a form's empty file field: no image chosen
+        text = " ".join(title.split()) if title else None
+        query = SearchQuery(data, text or None)
+        if query.image is None and query.title is None:
+            raise HTTPException(422, "give an image, a title, or both")
+        return query
+
+    @app.post("/search", response_model=SearchOut, summary="Nearest products to an image and/or a title")
+    async def search(image: ImageField = None, title: TitleField = None, k: KForm = 10) -> SearchOut:
+        query = await read_query(image, title)
+        return await run_in_threadpool(svc.search, query, k)
+
+    @app.get("/similar/{product_id:path}", response_model=SearchOut, summary="Nearest products to an indexed product")
+    def similar(product_id: IdPath, k: KQuery = 10) -> SearchOut:
+        return svc.similar(product_id, k)
+
+    @app.post("/embed", response_model=EmbedOut, summary="Embedding of an image and/or a title")
+    async def embed(image: ImageField = None, title: TitleField = None) -> EmbedOut:
+        query = await read_query(image, title)
+        vector = await run_in_threadpool(svc.embed, query)
+        return EmbedOut(embedding=vector.astype(float).tolist(), dim=int(vector.shape[0]), model_id=encoder.model_id,
+                        modalities=query.modalities)
+
+    @app.post("/classify", response_model=ClassifyOut, summary="Top-k labels of an image and/or a title",
+              responses={404: {"description": "no classifier loaded"}})
+    async def classify(image: ImageField = None, title: TitleField = None, k: KForm = 5) -> ClassifyOut:
+        if svc.classifier is None:  # before decoding the upload: nothing to do with it
+            raise HTTPException(404, "no classifier is loaded: start the service with --classifier CLF_DIR")
+        query = await read_query(image, title)
+        return await run_in_threadpool(svc.classify, query, k)
+
+    # The image route comes first: "{id:path}" would otherwise swallow "/image".
+    @app.get("/products/{product_id:path}/image", summary="The product's catalog image (JPEG thumbnail)",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def product_image(product_id: IdPath) -> Response:
+        return Response(svc.thumbnail(product_id), media_type="image/jpeg",
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/products/{product_id:path}", response_model=ProductOut, summary="Metadata of an indexed product")
+    def product(product_id: IdPath) -> ProductOut:
+        return svc.product(product_id)
+
+    @app.get("/health", response_model=HealthOut, summary="Model, index and limits")
+    def health() -> HealthOut:
+        return svc.health()
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _open_catalog(path: str | Path, image_root: str | Path | None, columns: Columns) -> Catalog:
+    """The catalog's id and image columns only (a Parquet catalog's other columns are not read)."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.resolve().parent
+    if path.suffix.lower() in (".parquet", ".pq") and path.is_file():
+        import pyarrow.parquet as pq
+
+        names = set(pq.read_schema(path).names)
+        frame = pd.read_parquet(path, columns=[c for c in (columns.id, columns.image) if c in names])
+    else:
+        frame = read_table(path)
+    if columns.image not in frame:
+        raise ServiceLoadError(f"catalog {path} has no image column {columns.image!r}: map it with --image-column")
+    return Catalog(frame, columns, root, source=str(path))
+
+
+def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: str | Path | None = None,
+                 catalog: str | Path | None = None, image_root: str | Path | None = None, *,
+                 columns: Columns | None = None, device: str | None = None, **app_options) -> FastAPI:
+    """Load the model, its index (refused when built by another model), the classifier and the
+    catalog images, and build the app. ``catalog`` / ``image_root`` default to the ones the
+    embeddings were made from (recorded in the index); ``app_options`` go to :func:`create_app`.
+    """
+    from .classify import Classifier
+
+    encoder = ItemEncoder.from_pretrained(model_dir, device=device)
+    index = ProductIndex.load(index_dir, expected_model_id=encoder.model_id)
+    classifier = Classifier.load(classifier_dir, device=device) if classifier_dir is not None else None
+    columns = columns or Columns()
+    images = None
+    source = catalog if catalog is not None else index.catalog
+    if source is not None:
+        root = image_root if image_root is not None else (index.image_root if catalog is None else None)
+        if catalog is None and not Path(source).is_file():
+            logger.warning("catalog %s recorded in the index is gone: product images will not be shown "
+                           "(pass --catalog)", source)
+        else:
+            cat = _open_catalog(source, root, columns)
+            limits = ImageLimits(max_pixels=app_options.get("max_pixels", DEFAULT_MAX_PIXELS))
+            images = ProductImages.from_catalog(cat, index.ids, limits)
+            if len(cat) and not any(_clean_id(i) in index for i in cat.frame[columns.id]):
+                raise ServiceLoadError(f"catalog {source} shares no product id with the index: wrong catalog?")
+            if len(images) < len(index):
+                logger.info("%d of %d indexed products have a catalog image", len(images), len(index))
+    return create_app(encoder, index, classifier, images, **app_options)
