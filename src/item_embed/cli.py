@@ -37,39 +37,81 @@ def _finish_report(report: CatalogReport, out_dir: Path, name: str) -> None:
     print(f"row report: {path}")
 
 
-def cmd_train(a: argparse.Namespace) -> int:
-    from .data import ProductArrays, load_tokenizer
+def _model_config(a: argparse.Namespace, cache_meta: dict | None = None):
+    """The model config from --preset and the shape options (a cache's preprocessing fills gaps)."""
     from .model import minilm_model_config
+
+    shape = dict(image_size=a.image_size, patch_size=getattr(a, "patch_size", None), max_text_len=a.max_text_len,
+                 use_description=a.use_description or None, pooling=getattr(a, "pooling", None))
+    if cache_meta:
+        for key in ("image_size", "max_text_len", "use_description"):
+            if shape[key] is not None and shape[key] != cache_meta[key]:
+                raise ValueError(f"the cache was prepared with {key}={cache_meta[key]}, not {shape[key]}: "
+                                 "run `item-embed prepare` again with that setting")
+            shape[key] = cache_meta[key]
+    if a.preset == "minilm":
+        return minilm_model_config(**{k: v for k, v in shape.items() if v is not None})
+    return model_config_for(a.preset, **shape)
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .data import ProductArrays, is_cache, load_cache, load_tokenizer
     from .train import train
 
-    shape = dict(image_size=a.image_size, patch_size=a.patch_size, max_text_len=a.max_text_len,
-                 use_description=a.use_description or None, pooling=a.pooling)
-    if a.preset == "minilm":
-        cfg = minilm_model_config(**{k: v for k, v in shape.items() if v is not None})
-    else:
-        cfg = model_config_for(a.preset, **shape)
     weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
     objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio,
                                  itm_negative_ratio=a.itm_negatives)
     tcfg = TrainConfig(steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                        precision=a.precision, save_every=a.save_every, objectives=objectives,
-                       warmup_ratio=a.warmup_ratio)
+                       warmup_ratio=a.warmup_ratio, grad_accum=a.grad_accum, compile=a.compile)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    catalog = _open_catalog(a)
-    report = CatalogReport()
-    t0 = time.perf_counter()
-    products = catalog.load_all(cfg.image_size, use_description=cfg.use_description, strict=a.strict, report=report)
     tokenizer = load_tokenizer()
-    data = ProductArrays.build(products, tokenizer, cfg.max_text_len, cfg.image_size)
-    del products
-    print(f"prepared {len(data)} products in {time.perf_counter() - t0:.1f}s")
+    report = None
+    t0 = time.perf_counter()
+    if is_cache(a.catalog):
+        data, meta = load_cache(a.catalog)
+        cfg = _model_config(a, meta)
+        if _is_main_rank():
+            print(f"using the preprocessing cache {a.catalog}: {len(data)} products "
+                  f"(its row report: {Path(a.catalog) / 'catalog_report.json'})")
+    else:
+        cfg = _model_config(a)
+        report = CatalogReport()
+        products = _open_catalog(a).load_all(cfg.image_size, use_description=cfg.use_description,
+                                             strict=a.strict, report=report)
+        data = ProductArrays.build(products, tokenizer, cfg.max_text_len, cfg.image_size)
+        del products
+        if _is_main_rank():
+            print(f"prepared {len(data)} products in {time.perf_counter() - t0:.1f}s")
     result = train(data, tokenizer, out, cfg, tcfg, resume=a.resume, progress=not a.no_progress,
                    device=a.device, extra={"catalog": str(a.catalog)})
+    if not _is_main_rank():
+        return 0
     print(f"trained {result.steps} steps in {result.seconds:.1f}s ({result.samples_per_second:.1f} samples/s); "
           "last losses: " + ", ".join(f"{k}={v:.4f}" for k, v in result.last.items()))
     print(f"model: {out}")
-    _finish_report(report, out, "catalog_report.json")
+    if report is not None:
+        _finish_report(report, out, "catalog_report.json")
+    return 0
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .data import load_tokenizer, write_cache
+
+    cfg = _model_config(a)
+    report = CatalogReport()
+    t0 = time.perf_counter()
+    chunks = _open_catalog(a).iter_chunks(cfg.image_size, use_description=cfg.use_description, strict=a.strict,
+                                          report=report)
+    n = write_cache(chunks, a.out, load_tokenizer(), cfg.image_size, cfg.max_text_len,
+                    extra={"use_description": cfg.use_description, "catalog": str(Path(a.catalog).resolve())})
+    print(f"cached {n} products at {cfg.image_size}px, {cfg.max_text_len} tokens in "
+          f"{time.perf_counter() - t0:.1f}s -> {a.out}")
+    _finish_report(report, Path(a.out), "catalog_report.json")
     return 0
 
 
@@ -161,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="pre-train ITEm on a catalog")
     _add_catalog_args(t)
     t.add_argument("--out", required=True, help="run folder (model, checkpoints, logs)")
+    # (CATALOG may also be a cache folder written by `item-embed prepare`.)
     t.add_argument("--preset", default="minilm", choices=["minilm", "tiny"])
     t.add_argument("--steps", type=int, help="optimiser steps (default: from --epochs)")
     t.add_argument("--epochs", type=float, default=1.0)
@@ -180,8 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
     t.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in --out")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (per process)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the encoder (measure before relying on it)")
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("prepare", help="decode, pad and resize every image once into a training cache")
+    _add_catalog_args(c)
+    c.add_argument("--out", required=True, help="cache folder (give it to `train` in place of the catalog)")
+    c.add_argument("--preset", default="minilm", choices=["minilm", "tiny"], help="for default sizes")
+    c.add_argument("--image-size", type=int)
+    c.add_argument("--max-text-len", type=int)
+    c.add_argument("--use-description", action="store_true")
+    c.set_defaults(func=cmd_prepare)
 
     e = sub.add_parser("embed", help="write product embeddings for a catalog")
     _add_catalog_args(e)
