@@ -187,12 +187,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
         ["embed", str(catalog / "catalog.csv"), "--model", str(run), "--out", str(emb), *common],
         ["evaluate", str(emb), "--group", "group", "--labels", "category,colour,pattern",
          "--out", str(out / "metrics.json")],
+        ["index", str(emb), "--out", str(out / "index")],
     ]
     for argv in steps:
         print("\n$ item-embed " + " ".join(argv), flush=True)
         rc = main(argv)
         if rc:
             return rc
+    print(f"\nsearch page: .venv/bin/item-embed serve --model {run} --index {out / 'index'}"
+          "   (then open http://127.0.0.1:8000/)")
     return 0
 
 
