@@ -215,18 +215,27 @@ class Catalog:
         chunk_size: int = 512,
         limits: ImageLimits | None = None,
         workers: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[list[Product]]:
         """Yield validated products chunk by chunk; problems go to ``report`` (or raise if strict).
 
-        Images decode in a thread pool: Pillow releases the GIL while decoding.
+        Images decode in a thread pool: Pillow releases the GIL while decoding. ``shard=(rank,
+        world)`` walks only that contiguous share of the rows (row numbers stay global); duplicate
+        ids are then decided from the id column alone (the first row carrying an id claims it).
         """
         report = report if report is not None else CatalogReport()
         report.source = self.source
         seen: dict[str, int] = {}
+        span = range(len(self.frame))
+        if shard is not None:
+            rank, world = shard
+            bounds = np.linspace(0, len(self.frame), world + 1).round().astype(int)
+            span = range(int(bounds[rank]), int(bounds[rank + 1]))
+            seen = self._first_rows_by_id(span.start)
         workers = workers or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for start in range(0, len(self.frame), chunk_size):
-                part = self.frame.iloc[start : start + chunk_size]
+            for start in range(span.start, span.stop, chunk_size):
+                part = self.frame.iloc[start : min(start + chunk_size, span.stop)]
                 records = part.to_dict("records")
                 rows = range(start, start + len(records))
                 checked = list(
@@ -252,6 +261,20 @@ class Catalog:
                     report.image_only += item.text is None
                     out.append(item)
                 yield out
+
+    def _first_rows_by_id(self, before: int) -> dict[str, int]:
+        """First row of every id among rows [0, before): what an earlier shard has claimed."""
+        first: dict[str, int] = {}
+        for row, raw in enumerate(self.frame[self.columns.id].iloc[:before]):
+            if isinstance(raw, float) and raw.is_integer():
+                raw = int(raw)
+            try:
+                pid = _clean_text(raw, "id")
+            except ValueError:
+                continue
+            if pid is not None:
+                first.setdefault(pid, row)
+        return first
 
     def load_all(self, image_size: int, **kwargs: Any) -> list[Product]:
         """Every usable product in memory (for training on catalogs that fit)."""

@@ -17,7 +17,8 @@ EMBEDDING = "embedding"
 
 
 def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch_size: int = 64,
-                  strict: bool = False, report: CatalogReport | None = None, progress: bool = True) -> int:
+                  strict: bool = False, report: CatalogReport | None = None, progress: bool = True,
+                  shard: tuple[int, int] | None = None) -> int:
     """Write ``id``, ``embedding`` and the carried columns of every usable product to ``out``.
 
     The catalog is decoded, encoded and written chunk by chunk, so memory does not grow with it.
@@ -41,7 +42,8 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
     written = 0
     bar = tqdm(total=len(catalog), disable=not progress, desc="embed", dynamic_ncols=True)
     try:
-        for chunk in catalog.iter_chunks(cfg.image_size, cfg.use_description, strict, report, chunk_size=batch_size * 4):
+        for chunk in catalog.iter_chunks(cfg.image_size, cfg.use_description, strict, report,
+                                         chunk_size=batch_size * 4, shard=shard):
             bar.update(len(chunk))
             if not chunk:
                 continue
@@ -64,21 +66,89 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
         if writer is not None:
             writer.close()
     if writer is None:
-        raise ValueError(f"no usable products in {catalog.source}: nothing to embed")
+        if shard is None:
+            raise ValueError(f"no usable products in {catalog.source}: nothing to embed")
+        return 0  # an empty shard writes no part; the manifest says so
     tmp.replace(out)
     return written
 
 
+MANIFEST = "manifest.json"
+
+
+def embed_catalog_distributed(catalog: Catalog, encoder: ItemEncoder, out_dir: str | Path, rank: int, world: int,
+                              batch_size: int = 64, strict: bool = False, progress: bool = True) -> CatalogReport:
+    """Under torchrun: rank ``rank`` embeds its share of the rows into ``part-RANK.parquet``;
+    rank 0 then writes ``manifest.json`` (parts, counts, checksums, model) and the merged report.
+
+    Returns the merged report on rank 0 and this rank's report elsewhere.
+    """
+    import torch.distributed as dist
+
+    from .checkpoint import sha256_file, write_json_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = out_dir / f"part-{rank:05d}.parquet"
+    report = CatalogReport()
+    written = embed_catalog(catalog, encoder, part, batch_size, strict, report, progress and rank == 0,
+                            shard=(rank, world))
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (rank, written, report))
+    if rank != 0:
+        return report
+    merged = CatalogReport(source=catalog.source)
+    parts = []
+    for r, n, rep in sorted(gathered, key=lambda g: g[0]):
+        merged.rows_in += rep.rows_in
+        merged.used += rep.used
+        merged.text_only += rep.text_only
+        merged.image_only += rep.image_only
+        merged.problems.extend(rep.problems)
+        if n:
+            name = f"part-{r:05d}.parquet"
+            parts.append({"file": name, "rows": n, "sha256": sha256_file(out_dir / name)})
+    merged.problems.sort(key=lambda p: p.row)
+    write_json_atomic(out_dir / MANIFEST, {
+        "format": "item-embed-embeddings/1", "model_id": encoder.model_id, "dim": encoder.dim,
+        "catalog": str(Path(catalog.source).resolve()), "world_size": world, "parts": parts,
+        "rows_in": merged.rows_in, "rows_used": merged.used, "rows_reported": merged.reported,
+    })
+    return merged
+
+
+def _part_files(path: Path) -> list[Path]:
+    """The Parquet files of an embedding output: the file itself, or a sharded folder's parts."""
+    if not path.is_dir():
+        return [path]
+    import json
+
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"{path} is a folder without {MANIFEST}: not a sharded embedding output")
+    from .checkpoint import sha256_file
+
+    files = []
+    for entry in json.loads(manifest.read_text())["parts"]:
+        f = path / entry["file"]
+        if not f.is_file() or sha256_file(f) != entry["sha256"]:
+            raise ValueError(f"{f} is missing or fails its checksum")
+        files.append(f)
+    if not files:
+        raise ValueError(f"{path}: the manifest lists no parts")
+    return files
+
+
 def read_embedding_metadata(path: str | Path) -> dict[str, str]:
     """The ``item_embed.*`` metadata of an embedding file (model_id, config_hash, dim, catalog, image_root)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = pq.read_schema(_part_files(Path(path))[0]).metadata or {}
     prefix = b"item_embed."
     return {k[len(prefix):].decode(): v.decode() for k, v in meta.items() if k.startswith(prefix)}
 
 
 def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """(columns other than the embedding, float32 (n, d) embeddings) of an embedding file."""
-    table = pq.read_table(path)
+    """(columns other than the embedding, float32 (n, d) embeddings) of an embedding file or sharded folder."""
+    table = pa.concat_tables([pq.read_table(f) for f in _part_files(Path(path))])
     if EMBEDDING not in table.column_names:
         raise ValueError(f"{path} has no {EMBEDDING!r} column: not an item-embed embedding file")
     col = table.column(EMBEDDING).combine_chunks()
