@@ -406,6 +406,67 @@ def test_unexpected_errors_are_a_generic_logged_500(world, monkeypatch, caplog):
     assert any("secret internals" in str(rec.exc_info) for rec in caplog.records if rec.exc_info)
 
 
+def test_a_decoder_crash_on_hostile_bytes_is_422_not_500(world, monkeypatch):
+    import item_embed.service as service_module
+
+    def crashing_decoder(*a, **kw):
+        raise struct.error("unpack requires a buffer of 4 bytes")  # what a Pillow plugin may raise
+
+    app = create_app(world.encoder, world.index)
+    monkeypatch.setattr(service_module, "decode_image", crashing_decoder)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/embed", files=_upload(world.image_bytes(0)))
+    assert r.status_code == 422 and "decoder failed (error)" in r.json()["detail"]
+
+
+# --------------------------------------------------------------------------------------------
+# Reloading the index in service
+# --------------------------------------------------------------------------------------------
+
+
+def test_reload_index_swaps_in_a_rebuilt_index(world, tmp_path, caplog):
+    folder = tmp_path / "index"
+    ProductIndex.from_embedding_file(world.embeddings).save(folder)
+    app = load_service(world.run, folder)
+    svc = app.state.service
+    keep = world.frame.iloc[:30].reset_index(drop=True)
+    gone = world.frame["id"].iloc[40]
+    with TestClient(app) as c:
+        assert c.get("/health").json()["index_generation"] == 0 and c.get(f"/products/{gone}").status_code == 200
+        ProductIndex.build(world.vectors[:30], keep["id"], keep.drop(columns=["id"]), world.index.model_id,
+                           world.index.manifest["config_hash"], catalog=world.index.catalog,
+                           image_root=world.index.image_root).save(folder)
+        assert svc.reload_index() is True
+        h = c.get("/health").json()
+        assert h["index_size"] == 30 and h["index_generation"] == 1 and h["last_reload"] == "ok"
+        assert c.get(f"/products/{gone}").status_code == 404
+        body = c.post("/search", data={"title": world.row(0)["title"], "k": "50"}).json()
+        assert len(body["hits"]) == 30 and {h["id"] for h in body["hits"]} == set(keep["id"])
+        # Images follow the new index (re-read from its catalog).
+        assert c.get(f"/products/{keep['id'][0]}/image").status_code == 200
+
+        # Refused: an index built by another model, a damaged one, a missing folder. The old one stays.
+        table = pq.read_table(world.embeddings)
+        other = tmp_path / "other.parquet"
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata,
+                                                      b"item_embed.model_id": b"another-model-0000"}), other)
+        ProductIndex.from_embedding_file(other).save(tmp_path / "foreign")
+        broken = tmp_path / "broken"
+        ProductIndex.from_embedding_file(world.embeddings).save(broken)
+        (broken / "ids.parquet").write_bytes(b"garbage")
+        for bad, why in [(tmp_path / "foreign", "another-model-0000"), (broken, "ids.parquet"),
+                         (tmp_path / "nowhere", "not an index")]:
+            caplog.clear()
+            assert svc.reload_index(bad) is False
+            assert any("refused" in rec.message and why in rec.message for rec in caplog.records), why
+            h = c.get("/health").json()
+            assert h["index_size"] == 30 and h["index_generation"] == 1 and h["last_reload"] == "refused"
+        assert c.post("/search", data={"title": "mug"}).status_code == 200
+
+    with pytest.raises(ValueError, match="no index directory"):
+        create_app(world.encoder, world.index).state.service.reload_index()
+
+
 # --------------------------------------------------------------------------------------------
 # Loading: identity checks and confinement of catalog images
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .index import KINDS, IndexLoadError, ProductIndex
+from .index import KINDS, REPORT_FILE, IndexLoadError, IndexReport, ProductIndex
 
 
 def _errors_exit_2(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -40,12 +40,17 @@ def _print_recall(manifest: dict) -> None:
 @_errors_exit_2
 def cmd_index(a: argparse.Namespace) -> int:
     options = {"nlist": a.nlist, "nprobe": a.nprobe, "ef_search": a.ef_search}
-    index = ProductIndex.from_embedding_file(a.embeddings, kind=a.kind, **options)
-    index.save(a.out)
+    report = IndexReport()
+    index = ProductIndex.from_embedding_file(a.embeddings, kind=a.kind, strict=a.strict, report=report, **options)
+    report.check_accounting()
+    # The report goes into the index folder in the same atomic swap as the index it describes.
+    index.save(a.out, extra_files={REPORT_FILE: report.to_json()})
     opts = ", ".join(f"{k}={v}" for k, v in index.manifest["options"].items())
     print(f"indexed {len(index)} products: dim {index.dim}, kind {index.kind}" + (f" ({opts})" if opts else ""))
     _print_recall(index.manifest)
     print(f"index: {a.out}")
+    print(report.summary())
+    print(f"row report: {Path(a.out) / REPORT_FILE}")
     return 0
 
 
@@ -163,7 +168,9 @@ def cmd_dedup(a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    i = sub.add_parser("index", help="build a nearest-product index from an embedding file")
+    i = sub.add_parser("index", help="build a nearest-product index from an embedding file",
+                       description="Every row of the embedding file is indexed or reported: rows in = rows indexed + "
+                                   f"rows reported. The report is printed and written to OUT/{REPORT_FILE}.")
     i.add_argument("embeddings", help="embedding .parquet from `item-embed embed`")
     i.add_argument("--out", required=True, help="index folder (replaced atomically if it holds an index)")
     i.add_argument("--kind", choices=KINDS, default="flat",
@@ -172,6 +179,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(n))")
     i.add_argument("--nprobe", type=int, help="ivf: lists searched per query (more: better recall, slower)")
     i.add_argument("--ef-search", type=int, help="hnsw: search beam width (default 64; more: better recall, slower)")
+    i.add_argument("--strict", action="store_true",
+                   help="stop at the first unusable row (no id, duplicate id, missing/NaN/inf/all-zero embedding, "
+                        "wrong dimension) instead of skipping it; skipped rows are listed in OUT/"
+                        f"{REPORT_FILE}")
     i.set_defaults(func=cmd_index)
 
     u = sub.add_parser("index-update", help="add or remove products in an index without rebuilding it",

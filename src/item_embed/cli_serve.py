@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -38,14 +42,61 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {a.host}: reachable from other machines; the API has no authentication",
               file=sys.stderr)
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    with _reload_on_sighup(app.state.service):
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     return 0
+
+
+@contextmanager
+def _reload_on_sighup(service) -> Iterator[None]:
+    """While serving, SIGHUP reloads the index from its folder (``SearchService.reload_index``).
+
+    The handler only sets an event: a watcher thread does the loading, so the event loop keeps
+    answering requests meanwhile. Signals arriving during a reload coalesce into one more reload.
+    """
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wake, stop = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while True:
+            wake.wait()
+            wake.clear()
+            if stop.is_set():
+                return
+            try:
+                service.reload_index()
+            except Exception:  # never let the watcher die: the next SIGHUP must still work
+                import logging
+
+                logging.getLogger(__name__).exception("index reload failed")
+
+    watcher = threading.Thread(target=watch, name="index-reload", daemon=True)
+    watcher.start()
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: wake.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        stop.set()
+        wake.set()
+        watcher.join(5)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="search API and web page over an index",
-                       description="Serve POST /search, GET /similar/{id}, /embed, /classify, /products/{id}[/image] "
-                                   "and /health, with a search page at / and the OpenAPI docs at /docs.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve POST /search, GET /similar/{id}, /embed, /classify, /products/{id}[/image]\n"
+                                   "and /health, with a search page at / and the OpenAPI docs at /docs.",
+                       epilog="Reloading the index without a restart:\n"
+                              "  rebuild it in place (`item-embed index ... --out INDEX` or\n"
+                              "  `item-embed index-update INDEX`; both save atomically), then send SIGHUP:\n"
+                              "  kill -HUP <pid of item-embed serve>.\n"
+                              "  The new index is verified (checksums, the model that built it, a probe search)\n"
+                              "  and swapped in while requests run; requests already running finish on the old one.\n"
+                              "  A refused index is logged and the old one keeps serving. /health reports\n"
+                              "  index_generation (accepted reloads), index_loaded and last_reload (ok/refused).")
     s.add_argument("--model", required=True, help="run folder of the model that built the index")
     s.add_argument("--index", required=True, help="index folder from `item-embed index` (refused if built by another model)")
     s.add_argument("--classifier", help="classifier folder from `item-embed classify fit`: predicted labels on results")
@@ -58,7 +109,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image upload in MB (default 10)")
-    s.add_argument("--threads", type=int, default=2, help="model forward passes run at once (default 2)")
+    s.add_argument("--threads", type=int, default=2,
+                   help="image decodes + model forward passes run at once (default 2)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)

@@ -6,6 +6,11 @@ Vectors are L2-normalised float32, so inner product = cosine. A ``ProductIndex``
     ids.parquet       id (string), label (int64): one row per live product, labels ascending
     metadata.parquet  the carried columns (title, group, ...), rows aligned with ids.parquet
     manifest.json     format version, model identity, kind + options, counts, recall, sha256 of the above
+    index_report.json (from ``item-embed index``) every input row indexed or skipped with its reason
+
+Building from an embedding file accounts for every row: rows in = rows indexed + rows reported.
+Rows with no id, a duplicate id, no embedding, a wrong dimension, NaN/inf or an all-zero vector
+are skipped and reported (``strict=True`` makes the first fatal); ``build`` itself stays strict.
 
 No pickle anywhere: JSON, Parquet and the FAISS binary format only.
 """
@@ -17,8 +22,10 @@ import json
 import os
 import shutil
 import tempfile
+import math
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -32,6 +39,7 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 METADATA_FILE = "metadata.parquet"
 MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "index_report.json"
 DATA_FILES = (INDEX_FILE, IDS_FILE, METADATA_FILE)
 KINDS = ("flat", "hnsw", "ivf")
 RECALL_K = 10
@@ -65,6 +73,149 @@ def search(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray,
 
 class IndexLoadError(RuntimeError):
     """An index directory that cannot be used: missing, corrupted, or built by another model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding files, row by row: every row indexed or reported
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SkippedRow:
+    row: int  # 0-based row of the embedding file
+    id: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        who = f"id {self.id!r}" if self.id is not None else "no id"
+        return f"row {self.row} ({who}): {self.reason}"
+
+
+@dataclass
+class IndexReport:
+    """What happened to every row of an embedding file: indexed, or skipped and why."""
+
+    source: str = ""
+    rows_in: int = 0
+    indexed: int = 0
+    problems: list[SkippedRow] = field(default_factory=list)
+
+    @property
+    def reported(self) -> int:
+        return len(self.problems)
+
+    def check_accounting(self) -> None:
+        if self.rows_in != self.indexed + self.reported:
+            raise AssertionError(f"row accounting broken: {self.rows_in} in != {self.indexed} indexed + "
+                                 f"{self.reported} reported")
+
+    def to_dict(self) -> dict:
+        reasons = Counter(p.reason.split(":", 1)[0] for p in self.problems)
+        return {"source": self.source, "rows_in": self.rows_in, "rows_indexed": self.indexed,
+                "rows_reported": self.reported, "reported_by_reason": dict(reasons.most_common()),
+                "problems": [{"row": p.row, "id": p.id, "reason": p.reason} for p in self.problems]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    def summary(self, max_lines: int = 10) -> str:
+        lines = [f"embeddings {self.source}: {self.rows_in} rows in, {self.indexed} indexed, "
+                 f"{self.reported} reported"]
+        lines += [f"  skipped {p}" for p in self.problems[:max_lines]]
+        if self.reported > max_lines:
+            lines.append(f"  ... and {self.reported - max_lines} more (see the report file)")
+        return "\n".join(lines)
+
+
+def _row_id(value) -> str | None:
+    """An id cell as a string; None when missing or blank (integer floats written as ints)."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return None
+        if float(value).is_integer():
+            value = int(value)
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
+    text = str(value)
+    return text if text.strip() else None
+
+
+def read_embedding_rows(path: str | Path, strict: bool = False,
+                        report: IndexReport | None = None) -> tuple[pd.DataFrame, np.ndarray, IndexReport]:
+    """The usable rows of an embedding file: (columns other than the embedding, float32 (n, d), report).
+
+    A row is skipped and reported when its id is missing or repeats an id already kept, its
+    embedding is missing, has another dimension than the file's (``item_embed.dim``, else the most
+    common length), has NaN/inf values or is all zeros. ``strict``: ValueError at the first one.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .export import EMBEDDING, read_embedding_metadata
+
+    report = report if report is not None else IndexReport()
+    report.source = str(path)
+    table = pq.read_table(path)
+    if EMBEDDING not in table.column_names:
+        raise ValueError(f"{path} has no {EMBEDDING!r} column: not an item-embed embedding file")
+    if "id" not in table.column_names:
+        raise ValueError(f"{path} has no 'id' column: not an item-embed embedding file")
+    col = table.column(EMBEDDING).combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
+        raise ValueError(f"{path}: column {EMBEDDING!r} holds {col.type}, not lists of numbers")
+    n = len(col)
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)  # NaN where the list is null
+    present = ~np.isnan(lengths.astype(np.float64))
+    declared = read_embedding_metadata(path).get("dim", "")
+    if declared.isdigit():
+        dim = int(declared)
+    elif present.any():
+        dim = int(Counter(lengths[present].astype(np.int64).tolist()).most_common(1)[0][0])
+    else:
+        dim = 0
+    good_len = present & (lengths == dim) if dim else np.zeros(n, dtype=bool)
+    vectors = np.zeros((n, max(dim, 0)), dtype=np.float32)
+    if good_len.any():
+        chosen = col.filter(pa.array(good_len))
+        values = pc.list_flatten(chosen).to_numpy(zero_copy_only=False)  # a null element -> NaN
+        vectors[good_len] = np.asarray(values, dtype=np.float32).reshape(-1, dim)
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(vectors).all(axis=1)
+        nonzero = (vectors != 0).any(axis=1)
+    ids = [_row_id(v) for v in table.column("id").to_pylist()]
+
+    keep: list[int] = []
+    first: dict[str, int] = {}
+    for row in range(n):
+        report.rows_in += 1
+        pid = ids[row]
+        if pid is None:
+            reason = "missing id"
+        elif not present[row]:
+            reason = "no embedding: the value is null"
+        elif not good_len[row]:
+            reason = f"wrong dimension: {int(lengths[row])} values, the file's embeddings have {dim}"
+        elif not finite[row]:
+            reason = "non-finite embedding: NaN, infinite or null values"
+        elif not nonzero[row]:
+            reason = "all-zero embedding: no direction to compare"
+        elif pid in first:
+            reason = f"duplicate id: first indexed at row {first[pid]}"
+        else:
+            first[pid] = row
+            keep.append(row)
+            report.indexed += 1
+            continue
+        problem = SkippedRow(row, pid, reason)
+        if strict:
+            raise ValueError(f"{path}: {problem} (without --strict such rows are skipped and reported)")
+        report.problems.append(problem)
+    frame = table.drop_columns([EMBEDDING]).take(pa.array(keep, type=pa.int64())).to_pandas()
+    frame["id"] = [ids[r] for r in keep]
+    return frame, (vectors if len(keep) == n else vectors[keep]), report
 
 
 @dataclass
@@ -269,14 +420,23 @@ class ProductIndex:
         return out
 
     @classmethod
-    def from_embedding_file(cls, path: str | Path, kind: str = "flat", **options) -> "ProductIndex":
-        """Index an embedding Parquet file (``item-embed embed``), keeping its model identity and catalog."""
-        from .export import read_embedding_metadata, read_embeddings
+    def from_embedding_file(cls, path: str | Path, kind: str = "flat", *, strict: bool = False,
+                            report: IndexReport | None = None, **options) -> "ProductIndex":
+        """Index an embedding Parquet file (``item-embed embed``), keeping its model identity and catalog.
+
+        Unusable rows (see :func:`read_embedding_rows`) are skipped and listed in ``report``, or
+        with ``strict`` the first one raises ValueError. No usable row at all is a ValueError.
+        """
+        from .export import read_embedding_metadata
 
         meta = read_embedding_metadata(path)
         if "model_id" not in meta:
             raise ValueError(f"{path} records no model identity: re-create it with `item-embed embed`")
-        frame, emb = read_embeddings(path)
+        report = report if report is not None else IndexReport()
+        frame, emb, report = read_embedding_rows(path, strict=strict, report=report)
+        report.check_accounting()
+        if not len(frame):
+            raise ValueError(f"no usable rows in {path}: all {report.rows_in} were reported\n{report.summary()}")
         return cls.build(emb, frame["id"], frame.drop(columns=["id"]), meta["model_id"], meta.get("config_hash", ""),
                          kind, catalog=meta.get("catalog"), image_root=meta.get("image_root"), **options)
 
@@ -452,8 +612,11 @@ class ProductIndex:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the index to ``directory`` atomically: a temporary folder, fsynced, then renamed into place."""
+    def save(self, directory: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+        """Write the index to ``directory`` atomically: a temporary folder, fsynced, then renamed into place.
+
+        extra_files: name -> text written alongside (e.g. the build's row report), in the same swap.
+        """
         target = Path(directory)
         is_index = (target / MANIFEST_FILE).is_file()
         if target.exists() and not is_index and (not target.is_dir() or any(target.iterdir())):
@@ -470,7 +633,12 @@ class ProductIndex:
                         "files": {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                                   for name in DATA_FILES}}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-            for name in (*DATA_FILES, MANIFEST_FILE):
+            extra = dict(extra_files or {})
+            for name, text in extra.items():
+                if Path(name).name != name or name in (*DATA_FILES, MANIFEST_FILE):
+                    raise ValueError(f"extra file name {name!r} is not a plain, free file name")
+                (tmp / name).write_text(text, encoding="utf-8")
+            for name in (*DATA_FILES, MANIFEST_FILE, *extra):
                 _fsync(tmp / name)
             _fsync(tmp)
             self._swap_into_place(tmp, target)

@@ -14,9 +14,16 @@ another model. Endpoints::
     GET  /                     the search page (static/index.html); /docs and /openapi.json
 
 Model calls are CPU-bound and run in worker threads (torch releases the GIL); a semaphore caps
-how many forward passes run at once so that concurrent requests do not oversubscribe the cores.
+how many image decodes and forward passes run at once, so that concurrent requests neither
+oversubscribe the cores nor hold more than that many decoded images in memory.
 Every client error is a 4xx with ``{"detail": message}``; anything unexpected is logged and
 answered with a generic 500.
+
+The index can be swapped while requests run (``SearchService.reload_index``; ``item-embed serve``
+does it on SIGHUP): the new index is loaded and checked against the model first, then the index
+and everything derived from it are replaced by one attribute assignment. A request works with the
+state it started with, so in-flight requests finish on the old index and none fails; a refused
+index is logged and the old one stays in service.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import math
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Iterable
+from typing import Annotated, Any, Callable, Iterable
 from urllib.parse import quote
 
 import numpy as np
@@ -47,7 +55,7 @@ from starlette.datastructures import Headers
 from .catalog import Catalog, Columns, read_table
 from .encode import ItemEncoder
 from .images import DEFAULT_MAX_PIXELS, ImageError, ImageLimits, decode_image
-from .index import ProductIndex
+from .index import IndexLoadError, ProductIndex
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +132,10 @@ class HealthOut(BaseModel):
     images: bool = Field(description="whether product images can be served")
     max_upload_bytes: int
     max_k: int
+    index_generation: int = Field(0, description="index swaps since start (each reload that was accepted)")
+    index_loaded: str | None = Field(None, description="when the index in service was loaded (UTC)")
+    last_reload: str | None = Field(None, description="ok or refused: the outcome of the latest reload, "
+                                                      "null before any")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,19 +261,40 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+@dataclass(frozen=True)
+class _Served:
+    """The index in service and what is derived from it: replaced as one object on reload, so a
+    request that took it at its start sees one consistent index to the end."""
+
+    index: ProductIndex
+    row_of: dict[str, int]
+    images: ProductImages | None
+    loaded: str
+    predictions: dict[str, Prediction | None] = field(default_factory=dict)  # fine-tuned classifier cache
+
+    @classmethod
+    def of(cls, index: ProductIndex, images: ProductImages | None) -> "_Served":
+        return cls(index, {pid: i for i, pid in enumerate(index.ids)}, images,
+                   datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+RELOAD_ATTEMPTS = 3  # an index being saved is briefly absent (two renames): try again shortly
+RELOAD_RETRY_S = 0.2
+
+
 class SearchService:
-    """Encoder + index (+ classifier, + catalog images), with the checks the endpoints rely on."""
+    """Encoder + index (+ classifier, + catalog images), with the checks the endpoints rely on.
+
+    index_dir: where ``reload_index()`` reads a rebuilt index from; images_loader: gives the catalog
+    images for a newly loaded index (None: keep the current ones).
+    """
 
     def __init__(self, encoder: ItemEncoder, index: ProductIndex, classifier=None, images: ProductImages | None = None,
                  max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 threads: int = 2, title_column: str = "title") -> None:
-        if index.model_id != encoder.model_id:
-            raise ServiceLoadError(f"the index was built by model {index.model_id}, the encoder is {encoder.model_id}: "
-                                   "rebuild the index with this model")
-        if index.dim != encoder.dim:
-            raise ServiceLoadError(f"the index has dimension {index.dim}, the encoder {encoder.dim}")
+                 threads: int = 2, title_column: str = "title", *, index_dir: str | Path | None = None,
+                 images_loader: Callable[[ProductIndex], ProductImages | None] | None = None) -> None:
         self.encoder = encoder
-        self.index = index
+        self.check_index(index)
         self.classifier = classifier
         # A fine-tuned classifier embeds with its own encoder; a linear one with the index's.
         self.clf_encoder = None
@@ -271,16 +304,85 @@ class SearchService:
                 classifier.check_model(self.clf_encoder.model_id)
             except ValueError as e:
                 raise ServiceLoadError(str(e)) from None
-        self.images = images
         self.max_upload_bytes = int(max_upload_bytes)
         self.limits = ImageLimits(max_pixels=int(max_pixels), max_bytes=self.max_upload_bytes)
         self.title_column = title_column
-        self._row_of = {pid: i for i, pid in enumerate(index.ids)}
-        # Cap concurrent forward passes: each already uses every core through intra-op threads.
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        self._images_loader = images_loader
+        self._served = _Served.of(index, images)
+        self._reload_lock = threading.Lock()
+        self.index_generation = 0
+        self.last_reload: str | None = None
+        # Cap concurrent decodes and forward passes: each pass already uses every core through
+        # intra-op threads, and a decoded image may take up to 3 bytes x the pixel cap.
         self._slots = threading.BoundedSemaphore(max(1, int(threads)))
         self._pred_lock = threading.Lock()
-        self._pred_cache: dict[str, Prediction | None] = {}
         self._warm_up()
+
+    # ------------------------------------------------------------------ the index in service
+
+    @property
+    def index(self) -> ProductIndex:
+        return self._served.index
+
+    @property
+    def images(self) -> ProductImages | None:
+        return self._served.images
+
+    def check_index(self, index: ProductIndex) -> None:
+        """ServiceLoadError unless ``index`` was built by this encoder and can be searched with its vectors."""
+        if index.model_id != self.encoder.model_id:
+            raise ServiceLoadError(f"the index was built by model {index.model_id}, the encoder is "
+                                   f"{self.encoder.model_id}: rebuild the index with this model")
+        if index.dim != self.encoder.dim:
+            raise ServiceLoadError(f"the index has dimension {index.dim}, the encoder {self.encoder.dim}")
+        if len(index):  # a probe: an indexed product's own vector must come back (or an exact twin of it)
+            probe = index.ids[0]
+            hits = index.search(index.vector(probe)[None, :], 10)[0]
+            if not any(h.score > 0.99 for h in hits):
+                raise ServiceLoadError(f"the index does not find product {probe!r} from its own vector: damaged")
+
+    def reload_index(self, directory: str | Path | None = None) -> bool:
+        """Swap in the index saved in ``directory`` (default: the one served from) without stopping.
+
+        The new index is loaded (checksums verified), checked against the model and probed before
+        it replaces the old one in a single assignment; requests already running finish on the old
+        one. Returns False, logs why and keeps serving the old index when the new one is refused.
+        Reloads are serialised; one may run while requests are served.
+        """
+        with self._reload_lock:
+            source = Path(directory) if directory is not None else self.index_dir
+            if source is None:
+                raise ValueError("no index directory to reload from: the service was built from a loaded index")
+            t0 = time.perf_counter()
+            old = self._served
+            try:
+                new = self._load_checked(source)
+                images = self._images_loader(new) if self._images_loader is not None else old.images
+            except Exception as e:  # anything: the old index stays in service
+                self.last_reload = "refused"
+                logger.error("index reload from %s refused, still serving the previous index (%d products): %s",
+                             source, len(old.index), e)
+                return False
+            self._served = _Served.of(new, images)  # the swap: one atomic attribute assignment
+            self.index_generation += 1
+            self.last_reload = "ok"
+            logger.warning("index reloaded from %s in %.2fs: %d products (was %d), generation %d",
+                           source, time.perf_counter() - t0, len(new), len(old.index), self.index_generation)
+            return True
+
+    def _load_checked(self, source: Path) -> ProductIndex:
+        for attempt in range(RELOAD_ATTEMPTS):
+            try:
+                index = ProductIndex.load(source, expected_model_id=self.encoder.model_id)
+                break
+            except IndexLoadError as e:
+                # A save in progress moves the folder aside for a moment: the next try finds it.
+                if attempt + 1 == RELOAD_ATTEMPTS or "was built by model" in str(e):
+                    raise
+                time.sleep(RELOAD_RETRY_S)
+        self.check_index(index)
+        return index
 
     def _warm_up(self) -> None:
         """One title through each encoder before serving: the fast tokenizer sets its truncation
@@ -310,16 +412,25 @@ class SearchService:
         record: dict[str, Any] = {"id": "query", "title": query.title}
         if query.image is not None:
             self.check_image_header(query.image)
+        with self._slots:  # the decoded image exists only inside a slot
+            if query.image is not None:
+                record["image"] = self._decode(query.image, enc.cfg.image_size)
             try:
-                record["image"] = decode_image(query.image, None, self.limits, draft_size=enc.cfg.image_size)
-            except ImageError as e:
-                raise HTTPException(422, f"unusable image: {e}") from None
-        try:
-            product = enc.to_product(record, 0, None, self.limits)
-        except ValueError as e:  # ImageError included
-            raise HTTPException(422, str(e)) from None
-        with self._slots:
+                product = enc.to_product(record, 0, None, self.limits)
+            except ValueError as e:  # ImageError included
+                raise HTTPException(422, str(e)) from None
             return enc.encode_products([product])[0]
+
+    def _decode(self, data: bytes, size: int) -> Image.Image:
+        try:
+            return decode_image(data, None, self.limits, draft_size=size)
+        except ImageError as e:
+            raise HTTPException(422, f"unusable image: {e}") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # a decoder tripping over hostile bytes (struct.error, IndexError, ...)
+            logger.warning("image decoder failed on an upload: %s: %s", type(e).__name__, e)
+            raise HTTPException(422, f"unusable image: the decoder failed ({type(e).__name__})") from None
 
     def predict_query(self, query: SearchQuery, vector: np.ndarray) -> Prediction | None:
         if self.classifier is None:
@@ -341,23 +452,25 @@ class SearchService:
     def search(self, query: SearchQuery, k: int) -> SearchOut:
         t0 = time.perf_counter()
         vector = self.embed(query)
-        hits = self.index.search(vector[None, :], k)[0]
+        served = self._served  # one index for the whole request, even if a reload swaps it meanwhile
+        hits = served.index.search(vector[None, :], k)[0]
         q = QueryOut(modalities=query.modalities, predicted_category=self.predict_query(query, vector))
-        return self._answer(q, hits, k, t0)
+        return self._answer(served, q, hits, k, t0)
 
     def similar(self, product_id: str, k: int) -> SearchOut:
         t0 = time.perf_counter()
-        if product_id not in self._row_of:
+        served = self._served
+        if product_id not in served.row_of:
             raise HTTPException(404, f"product {product_id!r} is not in the index")
-        hits = self.index.search_id(product_id, k)
-        q = QueryOut(modalities=["product"], product=self.product(product_id))
-        return self._answer(q, hits, k, t0)
+        hits = served.index.search_id(product_id, k)
+        q = QueryOut(modalities=["product"], product=self._product_at(served, product_id, served.row_of[product_id]))
+        return self._answer(served, q, hits, k, t0)
 
-    def _answer(self, q: QueryOut, hits, k: int, t0: float) -> SearchOut:
-        predictions = self._hit_predictions([h.id for h in hits])
+    def _answer(self, served: _Served, q: QueryOut, hits, k: int, t0: float) -> SearchOut:
+        predictions = self._hit_predictions(served, [h.id for h in hits])
         out = []
         for h, pred in zip(hits, predictions):
-            p = self._product_at(h.id, h.row)
+            p = self._product_at(served, h.id, h.row)
             out.append(HitOut(**p.model_dump(), score=h.score, predicted_category=pred))
         label_column = self.classifier.label_column if self.classifier is not None else None
         return SearchOut(query=q, k=k, hits=out, label_column=label_column,
@@ -365,65 +478,73 @@ class SearchService:
 
     # ------------------------------------------------------------------ products
 
-    def image_url(self, product_id: str) -> str | None:
-        if self.images is None or product_id not in self.images:
+    @staticmethod
+    def _image_url(served: _Served, product_id: str) -> str | None:
+        if served.images is None or product_id not in served.images:
             return None
         return f"/products/{quote(product_id, safe='')}/image"
 
+    def image_url(self, product_id: str) -> str | None:
+        return self._image_url(self._served, product_id)
+
     def product(self, product_id: str) -> ProductOut:
-        row = self._row_of.get(product_id)
+        served = self._served
+        row = served.row_of.get(product_id)
         if row is None:
             raise HTTPException(404, f"product {product_id!r} is not in the index")
-        return self._product_at(product_id, row)
+        return self._product_at(served, product_id, row)
 
-    def _product_at(self, product_id: str, row: int) -> ProductOut:
-        cells = {str(k): _jsonable(v) for k, v in self.index.metadata.iloc[row].items()}
+    def _product_at(self, served: _Served, product_id: str, row: int) -> ProductOut:
+        cells = {str(k): _jsonable(v) for k, v in served.index.metadata.iloc[row].items()}
         title = cells.pop(self.title_column, None)
         return ProductOut(id=product_id, title=title if isinstance(title, str) else None,
-                          image_url=self.image_url(product_id), metadata=cells)
+                          image_url=self._image_url(served, product_id), metadata=cells)
 
     def thumbnail(self, product_id: str) -> bytes:
-        if product_id not in self._row_of:
+        served = self._served
+        if product_id not in served.row_of:
             raise HTTPException(404, f"product {product_id!r} is not in the index")
-        if self.images is None:
+        if served.images is None:
             raise HTTPException(404, "no catalog loaded: product images are not available")
-        if product_id not in self.images:
+        if product_id not in served.images:
             raise HTTPException(404, f"product {product_id!r} has no image in the catalog")
         try:
-            return self.images.thumbnail(product_id)
+            with self._slots:  # decoding a catalog image takes memory like an upload does
+                return served.images.thumbnail(product_id)
         except ImageError as e:
             raise HTTPException(404, f"image of product {product_id!r} is not available: {e}") from None
 
     # ------------------------------------------------------------------ classifier on results
 
-    def _hit_predictions(self, ids: list[str]) -> list[Prediction | None]:
+    def _hit_predictions(self, served: _Served, ids: list[str]) -> list[Prediction | None]:
         """Top label of each listed indexed product (None without a classifier)."""
         if self.classifier is None or not ids:
             return [None] * len(ids)
         if self.clf_encoder is self.encoder:
-            vectors = np.stack([self.index.vector(i) for i in ids])  # (n, d)
+            vectors = np.stack([served.index.vector(i) for i in ids])  # (n, d)
             return [Prediction(label=t[0][0], probability=t[0][1]) for t in self.classifier.top_k(vectors, 1)]
-        # Fine-tuned: the products have to go through the classifier's own encoder (cached).
+        # Fine-tuned: the products have to go through the classifier's own encoder (cached per index).
+        cache = served.predictions
         with self._pred_lock:
-            missing = [i for i in ids if i not in self._pred_cache]
+            missing = [i for i in ids if i not in cache]
         if missing:
-            found = self._predict_products(missing)
+            found = self._predict_products(served, missing)
             with self._pred_lock:
-                if len(self._pred_cache) > PREDICTION_CACHE:
-                    self._pred_cache.clear()
-                self._pred_cache.update(found)
+                if len(cache) > PREDICTION_CACHE:
+                    cache.clear()
+                cache.update(found)
         with self._pred_lock:
-            return [self._pred_cache.get(i) for i in ids]
+            return [cache.get(i) for i in ids]
 
-    def _predict_products(self, ids: list[str]) -> dict[str, Prediction | None]:
+    def _predict_products(self, served: _Served, ids: list[str]) -> dict[str, Prediction | None]:
         enc = self.clf_encoder
         products, owners = [], []
         for i in ids:
-            title = self.index.metadata.iloc[self._row_of[i]].get(self.title_column)
+            title = served.index.metadata.iloc[served.row_of[i]].get(self.title_column)
             record: dict[str, Any] = {"id": i, "title": title if isinstance(title, str) else None}
-            if self.images is not None and i in self.images:
+            if served.images is not None and i in served.images:
                 try:
-                    record["image"] = self.images.source(i)
+                    record["image"] = served.images.source(i)
                 except ImageError:
                     pass
             try:
@@ -440,11 +561,13 @@ class SearchService:
         return out
 
     def health(self) -> HealthOut:
-        return HealthOut(status="ok", model_id=self.encoder.model_id, index_size=len(self.index), dim=self.index.dim,
-                         index_kind=getattr(self.index, "kind", None),
+        served = self._served
+        return HealthOut(status="ok", model_id=self.encoder.model_id, index_size=len(served.index),
+                         dim=served.index.dim, index_kind=getattr(served.index, "kind", None),
                          classifier=(self.classifier.label_column or "label") if self.classifier is not None else None,
-                         images=self.images is not None and len(self.images) > 0,
-                         max_upload_bytes=self.max_upload_bytes, max_k=MAX_K)
+                         images=served.images is not None and len(served.images) > 0,
+                         max_upload_bytes=self.max_upload_bytes, max_k=MAX_K, index_generation=self.index_generation,
+                         index_loaded=served.loaded, last_reload=self.last_reload)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,7 +625,8 @@ def _first_error(errors: list[dict]) -> str:
 
 def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catalog: Catalog | ProductImages | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-               threads: int = 2, title_column: str = "title") -> FastAPI:
+               threads: int = 2, title_column: str = "title", index_dir: str | Path | None = None,
+               images_loader: Callable[[ProductIndex], ProductImages | None] | None = None) -> FastAPI:
     """The search app over loaded objects.
 
     encoder: the model that built ``index`` (checked by model id); classifier: a
@@ -510,13 +634,19 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
     product images come from (a ``Catalog`` or ``ProductImages``; None: no images);
     max_upload_bytes: largest accepted image upload (the whole request body gets a little more
     for the multipart framing and the title); max_pixels: pixel cap checked on the image header
-    before decoding; threads: forward passes allowed to run at once.
+    before decoding; threads: image decodes + forward passes allowed to run at once; index_dir:
+    where ``app.state.service.reload_index()`` reads a rebuilt index from; images_loader: catalog
+    images for a reloaded index (default: re-read from ``catalog`` when it is a Catalog, else kept).
     """
     images = catalog
     if isinstance(catalog, Catalog):
         # Catalog files are the operator's: the upload byte cap does not apply, the pixel cap does.
-        images = ProductImages.from_catalog(catalog, index.ids, ImageLimits(max_pixels=int(max_pixels)))
-    svc = SearchService(encoder, index, classifier, images, max_upload_bytes, max_pixels, threads, title_column)
+        limits = ImageLimits(max_pixels=int(max_pixels))
+        images = ProductImages.from_catalog(catalog, index.ids, limits)
+        if images_loader is None:
+            images_loader = lambda new: ProductImages.from_catalog(catalog, new.ids, limits)  # noqa: E731
+    svc = SearchService(encoder, index, classifier, images, max_upload_bytes, max_pixels, threads, title_column,
+                        index_dir=index_dir, images_loader=images_loader)
     body_limit = int(max_upload_bytes) + FORM_OVERHEAD_BYTES
 
     app = FastAPI(
@@ -632,19 +762,25 @@ def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: s
     index = ProductIndex.load(index_dir, expected_model_id=encoder.model_id)
     classifier = Classifier.load(classifier_dir, device=device) if classifier_dir is not None else None
     columns = columns or Columns()
-    images = None
-    source = catalog if catalog is not None else index.catalog
-    if source is not None:
-        root = image_root if image_root is not None else (index.image_root if catalog is None else None)
+    max_pixels = app_options.get("max_pixels", DEFAULT_MAX_PIXELS)
+
+    def images_for(ix: ProductIndex) -> ProductImages | None:
+        """Catalog images of ``ix``'s products; re-read for a reloaded index (its catalog may be new)."""
+        source = catalog if catalog is not None else ix.catalog
+        if source is None:
+            return None
+        root = image_root if image_root is not None else (ix.image_root if catalog is None else None)
         if catalog is None and not Path(source).is_file():
             logger.warning("catalog %s recorded in the index is gone: product images will not be shown "
                            "(pass --catalog)", source)
-        else:
-            cat = _open_catalog(source, root, columns)
-            limits = ImageLimits(max_pixels=app_options.get("max_pixels", DEFAULT_MAX_PIXELS))
-            images = ProductImages.from_catalog(cat, index.ids, limits)
-            if len(cat) and not any(_clean_id(i) in index for i in cat.frame[columns.id]):
-                raise ServiceLoadError(f"catalog {source} shares no product id with the index: wrong catalog?")
-            if len(images) < len(index):
-                logger.info("%d of %d indexed products have a catalog image", len(images), len(index))
-    return create_app(encoder, index, classifier, images, **app_options)
+            return None
+        cat = _open_catalog(source, root, columns)
+        images = ProductImages.from_catalog(cat, ix.ids, ImageLimits(max_pixels=max_pixels))
+        if len(cat) and not any(_clean_id(i) in ix for i in cat.frame[columns.id]):
+            raise ServiceLoadError(f"catalog {source} shares no product id with the index: wrong catalog?")
+        if len(images) < len(ix):
+            logger.info("%d of %d indexed products have a catalog image", len(images), len(ix))
+        return images
+
+    return create_app(encoder, index, classifier, images_for(index), index_dir=index_dir, images_loader=images_for,
+                      **app_options)
