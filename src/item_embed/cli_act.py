@@ -15,3 +15,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     cli_search.register(sub)
     cli_classify.register(sub)
     cli_serve.register(sub)
+    from . import cli_report; cli_report.register(sub)  # noqa: E702  (train-dual, report)
