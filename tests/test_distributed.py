@@ -42,3 +42,35 @@ def test_two_process_loss_curve_matches_one_process(tiny_catalog, tmp_path):
     assert (double / "model.safetensors").is_file()
     # Rank 0 alone prints the summary.
     assert "trained 12 steps" in done.stdout and done.stdout.count("trained 12 steps") == 1
+
+
+def test_two_process_embed_writes_shards_equal_to_one_process(tiny_catalog, tiny_run, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from item_embed.export import read_embedding_metadata, read_embeddings
+
+    frame = pd.read_csv(tiny_catalog)
+    frame.loc[2, "image"] = "images/missing.jpg"  # a bad row in rank 0's share
+    frame.loc[len(frame) - 1, "id"] = frame.loc[0, "id"]  # rank 1 holds a duplicate of rank 0's first id
+    catalog = tiny_catalog.parent / "sharded.csv"
+    frame.to_csv(catalog, index=False)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    embed = ["-m", "item_embed", "embed", str(catalog), "--model", str(tiny_run), "--no-progress"]
+    single, sharded = tmp_path / "single.parquet", tmp_path / "sharded"
+    subprocess.run([sys.executable, *embed, "--out", str(single)], env=env, check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, *embed, "--out", str(sharded)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    manifest = json.loads((sharded / "manifest.json").read_text())
+    assert [p["file"] for p in manifest["parts"]] == ["part-00000.parquet", "part-00001.parquet"]
+    assert manifest["rows_in"] == len(frame) == manifest["rows_used"] + manifest["rows_reported"]
+    assert manifest["rows_reported"] == 2
+    report = json.loads((sharded / "report.json").read_text())
+    assert {p["row"] for p in report["problems"]} == {2, len(frame) - 1}
+    a_frame, a = read_embeddings(single)
+    b_frame, b = read_embeddings(sharded)
+    assert list(a_frame["id"]) == list(b_frame["id"])
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert read_embedding_metadata(sharded)["model_id"] == manifest["model_id"]

@@ -117,42 +117,132 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 def cmd_embed(a: argparse.Namespace) -> int:
     from .encode import ItemEncoder
-    from .export import embed_catalog
+    from .export import embed_catalog, embed_catalog_distributed
 
-    encoder = ItemEncoder.from_pretrained(a.model, device=a.device, precision=a.precision)
+    from .train import setup_distributed
+
+    ranks, device = setup_distributed(a.device)
+    encoder = ItemEncoder.from_pretrained(a.model, device=str(device), precision=a.precision)
     catalog = _open_catalog(a)
-    report = CatalogReport()
-    t0 = time.perf_counter()
-    n = embed_catalog(catalog, encoder, a.out, batch_size=a.batch_size, strict=a.strict, report=report,
-                      progress=not a.no_progress)
-    dt = time.perf_counter() - t0
-    print(f"embedded {n} products in {dt:.1f}s ({n / max(dt, 1e-9):.1f}/s) -> {a.out}")
     out = Path(a.out)
-    _finish_report(report, out.parent, out.stem + ".report.json")
+    t0 = time.perf_counter()
+    if ranks.world > 1:
+        # Under torchrun: each rank embeds its share into OUT/part-RANK.parquet; rank 0 writes the manifest.
+        report = embed_catalog_distributed(catalog, encoder, out, ranks.rank, ranks.world, a.batch_size, a.strict,
+                                           progress=not a.no_progress)
+        if not ranks.main:
+            return 0
+        n, report_path = report.used, out / "report.json"
+    else:
+        report = CatalogReport()
+        n = embed_catalog(catalog, encoder, out, batch_size=a.batch_size, strict=a.strict, report=report,
+                          progress=not a.no_progress)
+        report_path = out.parent / (out.stem + ".report.json")
+    dt = time.perf_counter() - t0
+    print(f"embedded {n} products in {dt:.1f}s ({n / max(dt, 1e-9):.1f}/s) -> {out}")
+    _finish_report(report, report_path.parent, report_path.name)
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    """Two forms: metrics of an embedding file (``evaluate EMB.parquet``), or the full harness on a
+    catalog (``evaluate CATALOG --model RUN`` and/or ``--baselines``/``--featurizer``)."""
+    if a.model or a.baselines or a.featurizer:
+        return _evaluate_catalog(a)
+    if a.out_dir or a.modes:
+        raise ValueError("--out-dir and --modes need the catalog form: evaluate CATALOG --model RUN_DIR "
+                         "and/or --baselines")
     from .evaluate import knn_classify, retrieval_metrics, split_test_mask
     from .export import read_embeddings
 
-    frame, emb = read_embeddings(a.embeddings)
+    path = a.catalog
+    frame, emb = read_embeddings(path)
     results: dict[str, dict] = {}
     if a.group:
         if a.group not in frame:
-            raise CatalogError(f"{a.embeddings} has no column {a.group!r}")
+            raise CatalogError(f"{path} has no column {a.group!r}")
         results["retrieval"] = retrieval_metrics(emb, emb, frame[a.group].to_numpy())
     labels = [c for c in (a.labels or "").split(",") if c]
     split_key = frame[a.group] if a.group else frame["id"]
     test = split_test_mask(split_key.to_numpy())
     for col in labels:
         if col not in frame:
-            raise CatalogError(f"{a.embeddings} has no label column {col!r}")
+            raise CatalogError(f"{path} has no label column {col!r}")
         results[f"knn:{col}"] = knn_classify(emb, frame[col].to_numpy(), test, k=a.k)
     print(format_table(results))
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2))
         print(f"metrics: {a.out}")
+    return 0
+
+
+def _csv(value: str | None) -> list[str]:
+    return [c.strip() for c in (value or "").split(",") if c.strip()]
+
+
+def _evaluate_command(a: argparse.Namespace) -> str:
+    """The full-form command line that reproduces this evaluation (recorded in results.json)."""
+    import shlex
+
+    argv = ["item-embed", "evaluate", str(a.catalog)]
+    for flag, value in (("--model", a.model), ("--group", a.group), ("--labels", a.labels),
+                        ("--baselines", a.baselines), ("--modes", a.modes), ("-k", a.k if a.k != 10 else None),
+                        ("--image-root", a.image_root), ("--out-dir", a.out_dir)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, value, default in (("--id-column", a.id_column, "id"), ("--title-column", a.title_column, "title"),
+                                 ("--image-column", a.image_column, "image"),
+                                 ("--description-column", a.description_column, "description")):
+        if value != default:
+            argv += [flag, value]
+    for spec in a.featurizer or []:
+        argv += ["--featurizer", spec]
+    return " ".join(shlex.quote(x) for x in argv)
+
+
+def _evaluate_catalog(a: argparse.Namespace) -> int:
+    """Embed the catalog once per mode with ITEm and each baseline; every protocol; JSON + Markdown."""
+    from .baselines import make_baselines
+    from .evaluate import MODES, EncoderFeaturizer, RawProducts, evaluate_all, load_featurizer
+    from .evaluate import results_json, results_markdown, results_text
+
+    t0 = time.perf_counter()
+    catalog = _open_catalog(a)
+    labels = _csv(a.labels)
+    modes = _csv(a.modes) or list(MODES)
+    bad_modes = [m for m in modes if m not in MODES]
+    if bad_modes:
+        raise ValueError(f"unknown mode(s) {', '.join(bad_modes)} (use {', '.join(MODES)})")
+    for col in ([a.group] if a.group else []) + labels:
+        if col not in catalog.frame:
+            raise CatalogError(f"{a.catalog} has no column {col!r}")
+    progress = not a.no_progress
+    featurizers = []
+    if a.model:
+        featurizers.append(EncoderFeaturizer.from_pretrained(a.model, "item", a.device, a.batch_size, progress))
+    featurizers += [load_featurizer(spec, a.device, a.batch_size, progress) for spec in a.featurizer or []]
+    featurizers += make_baselines(_csv(a.baselines), a.batch_size, a.device)
+    names = [f.name for f in featurizers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two features share a name: {', '.join(names)}")
+    report = CatalogReport()
+    products = RawProducts.from_catalog(catalog, strict=a.strict, report=report)
+    print(report.summary())
+    results = evaluate_all(products, featurizers, a.group, labels, modes, a.k,
+                           diagnostics_of="item" if a.model else None, log=print)
+    results["catalog"] = str(a.catalog)
+    results["model"] = str(a.model) if a.model else None
+    results["commands"] = [_evaluate_command(a)]
+    print(results_text(results))
+    if a.out_dir:
+        out = Path(a.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(results_json(results))
+        (out / "results.md").write_text(results_markdown(results))
+        print(f"results: {out / 'results.json'}, {out / 'results.md'}")
+    if a.out:
+        Path(a.out).write_text(results_json(results))
+    print(f"evaluated {len(products)} products in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -243,18 +333,30 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="write product embeddings for a catalog")
     _add_catalog_args(e)
     e.add_argument("--model", required=True, help="run folder of a trained model")
-    e.add_argument("--out", required=True, help="output .parquet")
+    e.add_argument("--out", required=True, help="output .parquet (under torchrun: a folder of parts + manifest.json)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
     e.add_argument("--device")
     e.set_defaults(func=cmd_embed)
 
-    v = sub.add_parser("evaluate", help="same-product retrieval and kNN category accuracy")
-    v.add_argument("embeddings", help="embedding .parquet from `item-embed embed`")
-    v.add_argument("--group", help="same-product group column")
-    v.add_argument("--labels", help="comma-separated label columns")
-    v.add_argument("-k", type=int, default=10)
-    v.add_argument("--out", help="write the metrics as JSON")
+    v = sub.add_parser(
+        "evaluate", help="same-product retrieval and category prediction, ITEm and baselines side by side",
+        description="evaluate EMB.parquet [--group COL] [--labels a,b]: metrics of an embedding file. "
+                    "evaluate CATALOG --model RUN_DIR [--baselines ...] [--out-dir DIR]: embed the catalog "
+                    "in each query mode with ITEm and each baseline, run every protocol on the same split.")
+    _add_catalog_args(v)  # CATALOG: the catalog, or in the first form an embedding .parquet
+    v.add_argument("--group", help="same-product group column (retrieval; also the split key)")
+    v.add_argument("--labels", help="comma-separated label columns (category prediction)")
+    v.add_argument("-k", type=int, default=10, help="neighbours for kNN")
+    v.add_argument("--out", help="write the metrics as JSON (first form)")
+    v.add_argument("--model", help="ITEm run folder: evaluate it on CATALOG")
+    v.add_argument("--baselines", help="comma-separated: tfidf,minilm,minilm_title,pixels16,phash,fusion")
+    v.add_argument("--featurizer", action="append", metavar="KIND:DIR",
+                   help="another model to compare, item:RUN_DIR or dual:DIR (repeatable)")
+    v.add_argument("--modes", help="retrieval query modes (default joint,image,title,image2image)")
+    v.add_argument("--out-dir", help="write results.json and results.md here")
+    v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     v.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("synth", help="write the built-in synthetic catalog")

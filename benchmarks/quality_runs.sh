@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Pre-train ITEm and its ablations with one equal budget on both real catalogs (no labels).
+#   bash benchmarks/quality_runs.sh OUT_DIR [STEPS]
+# Budget: STEPS optimiser steps x batch 32 at 96 px / patch 16, 64 text tokens, bf16 autocast.
+set -euo pipefail
+out=${1:?usage: quality_runs.sh OUT_DIR [STEPS]}
+steps=${2:-600}
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin="$here/.venv/bin"
+mkdir -p "$out"
+[ -f "$out/pretrain.parquet" ] || "$bin/python" "$here/benchmarks/make_pretrain_catalog.py" "$out/pretrain.parquet"
+[ -d "$out/cache96" ] || "$bin/item-embed" prepare "$out/pretrain.parquet" --out "$out/cache96" \
+    --image-size 96 --max-text-len 64 --use-description
+declare -A weights=(
+  [item-all5]="itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1"
+  [item-mlm-mim]="itm=0,mlm=1,mim=1,global_mlm=0,global_mim=0"
+  [item-mlm-mim-itm]="itm=1,mlm=1,mim=1,global_mlm=0,global_mim=0"
+)
+for name in item-all5 item-mlm-mim item-mlm-mim-itm; do
+  [ -f "$out/$name/model.safetensors" ] && continue
+  start=$(date +%s)
+  "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \
+      --patch-size 16 --loss-weights "${weights[$name]}" --save-every 200 --no-progress --resume
+  echo "$name: $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
+done
