@@ -40,7 +40,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,11 +77,11 @@ def save_folder_atomic(final: Path, tensors: dict[str, dict[str, torch.Tensor]],
         _fsync_file(p)
         sums[p.name] = sha256_file(p)
     write_json_atomic(tmp / MANIFEST, {"format": FORMAT, "sha256": sums})
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     return final
 
 
@@ -170,7 +170,7 @@ def save_model(run_dir: Path, model, tokenizer, extra: dict[str, Any] | None = N
     config = {"format": FORMAT, "model": model.cfg.to_dict(), "config_hash": model.cfg.config_hash(),
               "weights_sha256": sha256_file(weights), **(extra or {})}
     write_json_atomic(run_dir / "config.json", config)
-    _fsync_dir(run_dir)
+    fsync_path(run_dir)
 
 
 def load_model(run_dir: Path):

@@ -17,7 +17,6 @@ No pickle anywhere: JSON, Parquet and the FAISS binary format only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,9 @@ from typing import Iterable, Sequence
 import faiss
 import numpy as np
 import pandas as pd
+
+from .catalog import Problem
+from .checkpoint import fsync_path, sha256_file
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
@@ -80,15 +82,8 @@ class IndexLoadError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SkippedRow:
-    row: int  # 0-based row of the embedding file
-    id: str | None
-    reason: str
-
-    def __str__(self) -> str:
-        who = f"id {self.id!r}" if self.id is not None else "no id"
-        return f"row {self.row} ({who}): {self.reason}"
+# A skipped row of an embedding file reads like a skipped catalog row: row, id, reason.
+SkippedRow = Problem
 
 
 @dataclass
@@ -287,22 +282,6 @@ def _names(items: Sequence, limit: int = 10) -> str:
     items = list(items)
     shown = ", ".join(repr(str(i)) for i in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _new_faiss_index(spec: IndexSpec, x: np.ndarray) -> faiss.Index:
@@ -630,7 +609,7 @@ class ProductIndex:
             self._metadata.to_parquet(tmp / METADATA_FILE, index=False)
             manifest = {**self._manifest, "count": len(self),
                         "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "files": {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                        "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                                   for name in DATA_FILES}}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
             extra = dict(extra_files or {})
@@ -639,8 +618,8 @@ class ProductIndex:
                     raise ValueError(f"extra file name {name!r} is not a plain, free file name")
                 (tmp / name).write_text(text, encoding="utf-8")
             for name in (*DATA_FILES, MANIFEST_FILE, *extra):
-                _fsync(tmp / name)
-            _fsync(tmp)
+                fsync_path(tmp / name)
+            fsync_path(tmp)
             self._swap_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -662,7 +641,7 @@ class ProductIndex:
             if had_old:
                 os.replace(old, target)
             raise
-        _fsync(target.parent)
+        fsync_path(target.parent)
         if had_old:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -694,7 +673,7 @@ class ProductIndex:
             if path.stat().st_size != files[name]["bytes"]:
                 raise IndexLoadError(f"{path} has {path.stat().st_size} bytes, the manifest says "
                                      f"{files[name]['bytes']}: truncated or replaced, rebuild the index")
-            if _sha256(path) != files[name]["sha256"]:
+            if sha256_file(path) != files[name]["sha256"]:
                 raise IndexLoadError(f"{path} fails its sha256 checksum: corrupted, rebuild the index")
         try:
             index = faiss.read_index(str(d / INDEX_FILE))
