@@ -190,7 +190,7 @@ def test_train_by_wall_clock_seconds(square_data, tokenizer, tiny_cfg, tmp_path)
     assert result.steps == len(records) >= 1
     assert result.seconds >= 1.0 and records[-1]["elapsed"] >= 1.0
     if len(records) > 1:
-        assert records[-2]["elapsed"] < 1.0  # it stopped at the first step past the budget
+        assert records[-2]["elapsed"] <= 1.0  # stopped at the first step past the budget (log rounds to 1e-4)
     assert json.loads((tmp_path / "config.json").read_text())["budget"] == {"steps": None, "seconds": 1.0}
 
 
