@@ -1,0 +1,212 @@
+"""Encoding throughput: item-embed products/s (JPEG decode + title + model) vs sentence-transformers on titles.
+
+item-embed runs the path ``item-embed embed`` runs: ``export.embed_catalog`` over a ``Catalog`` whose
+``image`` column holds JPEG bytes (``Catalog.iter_chunks`` decodes them in its thread pool, then
+``ItemEncoder.encode_products`` in batches of 64, then Parquet writing). The model is the minilm
+preset (MiniLM text weights, random image side; speed does not depend on the weights), image 96 /
+patch 16, in fp32 and in bf16. The baseline is sentence-transformers all-MiniLM-L6-v2 encoding the
+same titles alone (``SentenceTransformer.encode``, batch 64). Rounds are interleaved; model loading
+and one warm-up batch per system are excluded.
+
+    python benchmarks/bench_encode.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+from item_embed.catalog import Catalog  # noqa: E402
+from item_embed.data import load_tokenizer  # noqa: E402
+from item_embed.encode import ItemEncoder  # noqa: E402
+from item_embed.export import embed_catalog  # noqa: E402
+from item_embed.model import ItemModel, minilm_model_config, minilm_path  # noqa: E402
+
+BATCH = 64
+TARGET = 0.5
+
+
+def load_frame(n: int) -> tuple[pd.DataFrame, str]:
+    path = C.SHARED_DATA / "hm-dev.parquet"
+    if path.exists():
+        frame = pd.read_parquet(path, columns=["id", "title", "image"]).head(n).reset_index(drop=True)
+        return frame, f"{path.name}, first {len(frame)} rows (real JPEGs, 200x300 px, ~8 KB)"
+    from item_embed.synthetic import generate_catalog
+
+    frame = generate_catalog(n_products=max(2, n // 3), image_size=256)[["id", "title", "image"]].head(n)
+    return frame, f"synthetic catalog, {len(frame)} rows (256 px images)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 256 products, 1 round")
+    ap.add_argument("--products", type=int, help="products per round (default 2000, quick 256)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
+    ap.add_argument("--wait-quiet", type=float, default=None, help="seconds to wait for load < 1.5 (default 180)")
+    ap.add_argument("--idle-budget", type=float, default=None,
+                    help="seconds, in all, to wait for other jobs after a noisy run (default 600, quick 30)")
+    ap.add_argument("--no-results", action="store_true")
+    a = ap.parse_args()
+    n = a.products or (256 if a.quick else 2000)
+    rounds = a.rounds or (1 if a.quick else 3)
+    wait = a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 180)
+    wall0 = time.perf_counter()
+
+    frame, source = load_frame(n)
+    titles = [str(t) for t in frame["title"]]
+    cfg = minilm_model_config(image_size=96, patch_size=16)
+    torch.manual_seed(0)
+    model = ItemModel.from_minilm(cfg)
+    tokenizer = load_tokenizer()
+    encoders = {p: ItemEncoder(model, tokenizer, device="cpu", precision=p) for p in ("fp32", "bf16")}
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(minilm_path()), device="cpu")
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_encode_"))
+    catalog = Catalog(frame, source="bench")
+
+    def run_item(precision: str) -> float:
+        t0 = time.perf_counter()
+        written = embed_catalog(catalog, encoders[precision], tmp / f"{precision}.parquet", batch_size=BATCH,
+                                progress=False)
+        dt = time.perf_counter() - t0
+        assert written == len(frame), (written, len(frame))
+        return dt
+
+    def run_st() -> float:
+        t0 = time.perf_counter()
+        emb = st.encode(titles, batch_size=BATCH, show_progress_bar=False, normalize_embeddings=True)
+        dt = time.perf_counter() - t0
+        assert emb.shape[0] == len(titles)
+        return dt
+
+    # Warm-up (one batch each): first-call allocations, oneDNN kernel selection, tokenizer caches.
+    warm = Catalog(frame.head(BATCH), source="warm")
+    for p, enc in encoders.items():
+        embed_catalog(warm, enc, tmp / "warm.parquet", batch_size=BATCH, progress=False)
+    st.encode(titles[:BATCH], batch_size=BATCH, show_progress_bar=False)
+
+    _, quiet = C.wait_for_quiet(1.5, wait)
+    load_start = C.loadavg()
+    budget = C.IdleBudget(a.idle_budget if a.idle_budget is not None else (30 if a.quick else 600))
+    times: dict[str, list[float]] = {"st": [], "fp32": [], "bf16": []}
+    dropped = {k: 0 for k in times}
+    runs = {"st": run_st, "fp32": lambda: run_item("fp32"), "bf16": lambda: run_item("bf16")}
+    # Interleaved rounds; a measurement during which other processes used more than CLEAN_CORES
+    # cores is dropped and re-run (at most 3 x rounds attempts per system).
+    for r in range(3 * rounds):
+        if all(len(v) >= rounds for v in times.values()):
+            break
+        msg = []
+        for k, fn in runs.items():
+            if len(times[k]) >= rounds:
+                continue
+            with C.Interference() as it:
+                fn()
+            if it.cores <= C.CLEAN_CORES:
+                times[k].append(it.seconds)
+                msg.append(f"{k} {it.seconds:.2f}s")
+            else:
+                dropped[k] += 1
+                msg.append(f"{k} {it.seconds:.2f}s (others {it.cores:.1f} cores: dropped)")
+                budget.wait()
+        print(f"  round {r + 1}: " + ", ".join(msg), flush=True)
+    for k, v in times.items():
+        if not v:  # never clean: keep the last (noisy) measurement rather than nothing
+            with C.Interference() as it:
+                runs[k]()
+            v.append(it.seconds)
+
+    # Breakdown of item-embed's time: decoding alone, then the model path on already decoded products.
+    products: list = []
+
+    def decode() -> None:
+        products[:] = [p for chunk in catalog.iter_chunks(cfg.image_size, chunk_size=BATCH * 4) for p in chunk]
+
+    decode_s, _, _ = C.measure_clean(decode, budget=budget)
+    model_s = {}
+    for p, enc in encoders.items():
+        def model_only(enc=enc) -> None:
+            for i in range(0, len(products), BATCH):
+                enc.encode_products(products[i : i + BATCH])
+
+        model_s[p], _, _ = C.measure_clean(model_only, budget=budget)
+    load_end = C.loadavg()
+    # Sequence lengths, for the reading of the ratio.
+    item_tokens = np.mean([len(x) for x in tokenizer([t for t in titles], truncation=True,
+                                                      max_length=cfg.max_text_len)["input_ids"]])
+    st_tokens = np.mean([len(x) for x in st.tokenizer(titles, truncation=True,
+                                                      max_length=st.max_seq_length)["input_ids"]])
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rate = {k: len(frame) / v for k, v in med.items()}
+    headers = ["system", "what is timed", "runs (dropped)", "median s", f"products/s (n={len(frame)})",
+               "ratio vs ST"]
+    rows = [
+        ["sentence-transformers all-MiniLM-L6-v2, fp32", "titles alone: tokenise + encode",
+         f"{len(times['st'])} ({dropped['st']})", f"{med['st']:.2f}",
+         f"{rate['st']:.0f}", "1.00"],
+    ]
+    for p in ("fp32", "bf16"):
+        rows.append([f"item-embed minilm preset, {p}", "embed_catalog: JPEG decode + tokenise + encode + Parquet",
+                     f"{len(times[p])} ({dropped[p]})", f"{med[p]:.2f}", f"{rate[p]:.0f}", f"{rate[p] / rate['st']:.2f}"])
+    print()
+    print(C.text_table(headers, rows))
+    bd_headers = ["part of item-embed's path", "seconds", "products/s"]
+    bd_rows = [["JPEG decode + pad/resize (Catalog.iter_chunks, 2 threads)", f"{decode_s:.2f}",
+                f"{len(frame) / decode_s:.0f}"]]
+    for p in ("fp32", "bf16"):
+        bd_rows.append([f"tokenise + batch + model, {p} (encode_products on decoded products)",
+                        f"{model_s[p]:.2f}", f"{len(frame) / model_s[p]:.0f}"])
+    print()
+    print(C.text_table(bd_headers, bd_rows))
+    seq_note = (f"sequence length per product: item-embed {item_tokens:.1f} text tokens + {cfg.num_patches} patches "
+                f"= {item_tokens + cfg.num_patches:.0f} positions; sentence-transformers {st_tokens:.1f} tokens")
+    print("\n" + seq_note)
+    verdicts = {p: rate[p] / rate["st"] >= TARGET for p in ("fp32", "bf16")}
+    for p in ("fp32", "bf16"):
+        print(f"{p}: ratio {rate[p] / rate['st']:.2f} (target >= {TARGET}): {'PASS' if verdicts[p] else 'MISS'}")
+
+    wall = time.perf_counter() - wall0
+    if a.no_results:
+        return 0
+    quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
+    body = f"""{C.run_context(load_start, load_end, quiet, wall)}
+- Data: {source}. Batch {BATCH}. item-embed: `ItemModel.from_minilm(minilm_model_config(image_size=96,
+  patch_size=16))` in `ItemEncoder`, timed through `export.embed_catalog` (the `item-embed embed` path:
+  `Catalog.iter_chunks` decodes the JPEG bytes, `encode_products`, Parquet writing). Baseline:
+  `SentenceTransformer(minilm_path()).encode(titles, batch_size=64)`. {rounds} interleaved round(s),
+  median reported; model loading and a warm-up batch excluded; a run during which other processes used
+  more than {C.CLEAN_CORES} cores is dropped and re-run once the machine is idle ("dropped"; {budget.waited:.0f} s
+  spent waiting for other jobs).{quick_note}
+
+{C.markdown_table(headers, rows)}
+
+- fp32: ratio **{rate['fp32'] / rate['st']:.2f}** (target >= {TARGET}): {C.verdict(verdicts['fp32'])}
+- bf16: ratio **{rate['bf16'] / rate['st']:.2f}** (target >= {TARGET}): {C.verdict(verdicts['bf16'])}
+
+Where item-embed's time goes (same products, measured separately after the rounds):
+
+{C.markdown_table(bd_headers, bd_rows)}
+
+{seq_note}.
+"""
+    C.update_results("bench_encode", "(c) Encoding throughput", body)
+    print(f"\nwrote {C.RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
