@@ -4,7 +4,8 @@ Builds Parquet catalogs with the images inline by repeating synthetic rows
 (``item_embed.synthetic.generate_catalog``, 256-px JPEG/PNG listings of ~10 KB, close to real product
 photos) under new ids, trains a tiny-preset model for 1 step (``item-embed train --preset tiny
 --steps 1``), then runs ``python -m item_embed embed`` once per catalog as a subprocess and reads
-that child's peak RSS from ``os.wait4`` (its own rusage, not a cumulative maximum). The target is a
+that child's peak RSS from ``os.wait4`` (its own rusage, not a cumulative maximum), through a tiny
+launcher process so that the benchmark's own memory is not inherited into the number. The target is a
 flat peak: 100k within 20% of 10k.
 
     python benchmarks/bench_embed_memory.py [--quick]
@@ -50,15 +51,28 @@ def embed_rate(log: Path) -> float:
     return int(m.group(1)) / max(float(m.group(2)), 1e-9) if m else float("nan")
 
 
+# A child's ru_maxrss also counts the memory its parent had when it was forked (Linux keeps the
+# pre-exec high-water mark), so a big parent would inflate every number. The measured command
+# therefore runs under this tiny launcher, and only the launcher's child is measured.
+LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(proc.pid, 0)
+print(f"\\nBENCH_MAXRSS_KIB={usage.ru_maxrss}", flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(argv: list[str], log: Path) -> tuple[float, float, int]:
-    """Run ``argv``; returns (peak RSS MiB of that child, wall seconds, exit status)."""
+    """Run ``argv`` (under LAUNCHER); returns (peak RSS MiB of that process, wall seconds, exit status)."""
     with open(log, "w") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=C.REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
+        rc = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], stdout=fh, stderr=subprocess.STDOUT,
+                            cwd=C.REPO).returncode
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / 1024, wall, proc.returncode
+    m = re.findall(r"BENCH_MAXRSS_KIB=(\d+)", log.read_text())
+    rss = int(m[-1]) / 1024 if m else float("nan")
+    return rss, wall, rc
 
 
 def main() -> int:
@@ -67,7 +81,8 @@ def main() -> int:
     ap.add_argument("--sizes", help="comma-separated catalog sizes (default 1000,10000,100000)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--wait-quiet", type=float, default=None, help="seconds to wait for load < 1.5 (default 180)")
-    ap.add_argument("--no-results", action="store_true")
+    ap.add_argument("--no-results", action="store_true",
+                    help="print only; leave RESULTS.md alone (--quick never writes it)")
     a = ap.parse_args()
     if a.sizes:
         sizes = [int(s) for s in a.sizes.split(",")]
@@ -147,13 +162,15 @@ def main() -> int:
     print(line)
     print(frame_line)
     wall = time.perf_counter() - wall0
-    if a.no_results:
+    if a.no_results or a.quick:
+        print("RESULTS.md left alone (--quick or --no-results)")
         return 0
     quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     body = f"""{C.run_context(load_start, load_end, quiet, wall)}
 - Catalogs: Parquet, images inline (synthetic listings, 256 px, ~{img_kb:.1f} KiB each), rows repeated under
   new ids. Model: tiny preset trained 1 step. Each size runs `python -m item_embed embed CATALOG --model RUN
-  --out OUT --no-progress` (defaults: fp32, batch 64) as a child process; peak RSS from `os.wait4`.{quick_note}
+  --out OUT --no-progress` (defaults: fp32, batch 64) as a child process; peak RSS from `os.wait4` in a tiny
+  launcher process (a child forked straight from the benchmark would inherit its high-water mark).{quick_note}
 
 {C.markdown_table(headers, rows)}
 

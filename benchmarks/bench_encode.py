@@ -56,7 +56,8 @@ def main() -> int:
     ap.add_argument("--wait-quiet", type=float, default=None, help="seconds to wait for load < 1.5 (default 180)")
     ap.add_argument("--idle-budget", type=float, default=None,
                     help="seconds, in all, to wait for other jobs after a noisy run (default 600, quick 30)")
-    ap.add_argument("--no-results", action="store_true")
+    ap.add_argument("--no-results", action="store_true",
+                    help="print only; leave RESULTS.md alone (--quick never writes it)")
     a = ap.parse_args()
     n = a.products or (256 if a.quick else 2000)
     rounds = a.rounds or (1 if a.quick else 3)
@@ -144,6 +145,12 @@ def main() -> int:
 
         model_s[p], _, _ = C.measure_clean(model_only, budget=budget)
     load_end = C.loadavg()
+    # bf16 changes the numbers a little: how far are its embeddings from fp32's (same products, same order)?
+    from item_embed.export import read_embeddings
+
+    e32, e16 = (read_embeddings(tmp / f"{p}.parquet")[1] for p in ("fp32", "bf16"))
+    cos = (e32 * e16).sum(axis=1)
+    agree = float(np.mean((e32 @ e32.T).argsort(axis=1)[:, -2] == (e16 @ e16.T).argsort(axis=1)[:, -2]))
     # Sequence lengths, for the reading of the ratio.
     item_tokens = np.mean([len(x) for x in tokenizer([t for t in titles], truncation=True,
                                                       max_length=cfg.max_text_len)["input_ids"]])
@@ -175,12 +182,16 @@ def main() -> int:
     seq_note = (f"sequence length per product: item-embed {item_tokens:.1f} text tokens + {cfg.num_patches} patches "
                 f"= {item_tokens + cfg.num_patches:.0f} positions; sentence-transformers {st_tokens:.1f} tokens")
     print("\n" + seq_note)
+    cos_line = (f"bf16 vs fp32 embeddings of the same {len(frame)} products: cosine mean {cos.mean():.4f}, "
+                f"min {cos.min():.4f}; nearest other product identical for {agree:.1%} of products")
+    print(cos_line)
     verdicts = {p: rate[p] / rate["st"] >= TARGET for p in ("fp32", "bf16")}
     for p in ("fp32", "bf16"):
         print(f"{p}: ratio {rate[p] / rate['st']:.2f} (target >= {TARGET}): {'PASS' if verdicts[p] else 'MISS'}")
 
     wall = time.perf_counter() - wall0
-    if a.no_results:
+    if a.no_results or a.quick:
+        print("RESULTS.md left alone (--quick or --no-results)")
         return 0
     quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     body = f"""{C.run_context(load_start, load_end, quiet, wall)}
@@ -201,7 +212,7 @@ Where item-embed's time goes (same products, measured separately after the round
 
 {C.markdown_table(bd_headers, bd_rows)}
 
-{seq_note}.
+{seq_note}. {cos_line} (random image side, so this checks numerics, not quality).
 """
     C.update_results("bench_encode", "(c) Encoding throughput", body)
     print(f"\nwrote {C.RESULTS}")

@@ -351,7 +351,7 @@ def counted_matmul_flops(runner: Runner, step: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 3 timed steps each, short matmul timing")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps each, short matmul timing")
     ap.add_argument("--steps", type=int, help="timed steps per system and precision (default 10, quick 3)")
     ap.add_argument("--warmup", type=int, help="untimed steps per system and precision (default 2, quick 1)")
     ap.add_argument("--wait-quiet", type=float, default=None,
@@ -359,9 +359,10 @@ def main() -> int:
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--idle-budget", type=float, default=None,
                     help="seconds, in all, to wait for other jobs after a noisy step (default 900, quick 30)")
-    ap.add_argument("--no-results", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--no-results", action="store_true",
+                    help="print only; leave RESULTS.md alone (--quick never writes it)")
     a = ap.parse_args()
-    steps = a.steps or (3 if a.quick else 10)
+    steps = a.steps or (2 if a.quick else 10)
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     wait = a.wait_quiet if a.wait_quiet is not None else (0 if a.quick else 180)
     precisions = [p for p in a.precisions.split(",") if p]
@@ -434,7 +435,7 @@ def main() -> int:
         for r in (item, *variants.values()):
             r.step(counter[0], prec)
         counter[0] += 1
-        clean, dirty = timed_steps((item, *variants.values()), prec, 2 if a.quick else 4, counter, budget)
+        clean, dirty = timed_steps((item, *variants.values()), prec, 1 if a.quick else 4, counter, budget)
         whatif[prec] = {n: statistics.median([t for t, _ in (clean[n] or dirty[n])]) for n in clean}
     del variants
 
@@ -536,7 +537,8 @@ def main() -> int:
     print(f"matmul rate (max of start/end): fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
 
     wall = time.perf_counter() - wall0
-    if a.no_results:
+    if a.no_results or a.quick:
+        print("RESULTS.md left alone (--quick or --no-results)")
         return 0
     ctx = C.run_context(load_start, load_end, quiet, wall)
     ratio_lines = "\n".join(
