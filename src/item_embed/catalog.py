@@ -113,28 +113,75 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a catalog file into a DataFrame (CSV/TSV, JSONL, Parquet by suffix)."""
-    path = Path(path)
+_PARQUET = (".parquet", ".pq")
+_DELIMITED = (".csv", ".tsv")
+_JSON = (".jsonl", ".ndjson", ".json")
+
+
+def _csv_options(path: Path) -> dict[str, Any]:
+    # Strings as-is ("NA" is a title, not a missing value); bytes that are not UTF-8 survive as
+    # surrogates so that the row can be reported instead of the file failing (object dtype:
+    # pandas' Arrow-backed strings refuse surrogates).
+    return dict(sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=object, keep_default_na=False,
+                na_values=[""], encoding="utf-8", encoding_errors="surrogateescape")
+
+
+def _check_format(path: Path) -> str:
     if not path.is_file():
         raise CatalogError(f"catalog file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in _PARQUET + _DELIMITED + _JSON:
+        raise CatalogError(f"unsupported catalog format {suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
+    return suffix
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a catalog file into a DataFrame (CSV/TSV, JSONL, Parquet by suffix); ``columns``: only those."""
+    path = Path(path)
+    suffix = _check_format(path)
     try:
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        if suffix in (".csv", ".tsv"):
-            # Strings as-is ("NA" is a title, not a missing value); bytes that are not UTF-8
-            # survive as surrogates so that the row can be reported instead of the file failing
-            # (object dtype: pandas' Arrow-backed strings refuse surrogates).
-            return pd.read_csv(
-                path, sep="\t" if suffix == ".tsv" else ",", dtype=object, keep_default_na=False,
-                na_values=[""], encoding="utf-8", encoding_errors="surrogateescape",
-            )
-        if suffix in (".jsonl", ".ndjson", ".json"):
-            return pd.read_json(path, lines=suffix != ".json", dtype=False)
+        if suffix in _PARQUET:
+            return pd.read_parquet(path, columns=columns)
+        if suffix in _DELIMITED:
+            return pd.read_csv(path, usecols=columns, **_csv_options(path))
+        frame = pd.read_json(path, lines=suffix != ".json", dtype=False)
+        return frame[columns] if columns is not None else frame
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise CatalogError(f"cannot read catalog {path}: {e}") from None
-    raise CatalogError(f"unsupported catalog format {suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
+
+
+def _read_column_names(path: Path) -> list[str] | None:
+    """Column names without reading the rows (Parquet schema, CSV header); None for JSON."""
+    suffix = _check_format(path)
+    try:
+        if suffix in _PARQUET:
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if suffix in _DELIMITED:
+            return [str(c) for c in pd.read_csv(path, nrows=0, **_csv_options(path)).columns]
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise CatalogError(f"cannot read catalog {path}: {e}") from None
+    return None
+
+
+def _iter_file(path: Path, chunk_size: int) -> Iterator[pd.DataFrame]:
+    """The rows of a Parquet or CSV/TSV file, ``chunk_size`` at a time, never the whole file at once."""
+    try:
+        if path.suffix.lower() in _PARQUET:
+            import pyarrow.parquet as pq
+
+            # Buffered page reads without pre-buffering: pyarrow otherwise caches every column chunk
+            # it has read until the file is closed (measured: a 400 MB file held ~380 MB whether it
+            # had one row group or eight; with these options the peak stays flat).
+            with pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False) as pf:
+                for batch in pf.iter_batches(batch_size=chunk_size):
+                    yield batch.to_pandas()
+        else:
+            with pd.read_csv(path, chunksize=chunk_size, **_csv_options(path)) as reader:
+                yield from reader
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise CatalogError(f"cannot read catalog {path}: {e}") from None
 
 
 def _is_missing(value: Any) -> bool:
@@ -168,45 +215,116 @@ class Catalog:
 
     def __init__(
         self,
-        frame: pd.DataFrame,
+        frame: pd.DataFrame | None,
         columns: Columns | None = None,
         image_root: str | Path | None = None,
         source: str = "<frame>",
+        *,
+        path: str | Path | None = None,
     ) -> None:
+        """A catalog over ``frame``, or (``frame=None``) over the file ``path``, read only when needed.
+
+        Over a Parquet or CSV/TSV file, :meth:`iter_chunks` streams the rows chunk by chunk, so
+        ``embed`` and ``prepare`` never hold the catalog; ``.frame`` reads it whole on first use.
+        """
         self.columns = columns or Columns()
-        self.frame = frame.reset_index(drop=True)
+        self._frame = frame.reset_index(drop=True) if frame is not None else None
+        self._path = Path(path) if path is not None else None
+        if self._frame is None and self._path is None:
+            raise ValueError("Catalog needs a frame or a path")
+        self._len: int | None = None
         self.image_root = Path(image_root) if image_root is not None else Path.cwd()
         self.source = source
-        cols = set(self.frame.columns)
+        names = self.column_names
+        cols = set(names)
         if self.columns.id not in cols:
             raise CatalogError(
                 f"catalog {source} has no id column {self.columns.id!r} "
-                f"(columns: {', '.join(map(str, self.frame.columns))}); map it with --id-column"
+                f"(columns: {', '.join(map(str, names))}); map it with --id-column"
             )
         if self.columns.title not in cols and self.columns.image not in cols:
             raise CatalogError(
                 f"catalog {source} has neither a title column {self.columns.title!r} nor an image "
-                f"column {self.columns.image!r} (columns: {', '.join(map(str, self.frame.columns))})"
+                f"column {self.columns.image!r} (columns: {', '.join(map(str, names))})"
             )
 
     @classmethod
     def open(
         cls, path: str | Path, columns: Columns | None = None, image_root: str | Path | None = None
     ) -> "Catalog":
-        """Read ``path``; relative image paths resolve against ``image_root`` or the file's folder."""
+        """Open ``path``; relative image paths resolve against ``image_root`` or the file's folder.
+
+        Parquet and CSV/TSV files are not read here, only their column names; JSON(L) is read whole.
+        """
         path = Path(path)
         root = Path(image_root) if image_root is not None else path.resolve().parent
-        return cls(read_table(path), columns, root, source=str(path))
+        if _read_column_names(path) is None:
+            return cls(read_table(path), columns, root, source=str(path))
+        return cls(None, columns, root, source=str(path), path=path)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """Every row in memory (read on first use when the catalog was opened from a file)."""
+        if self._frame is None:
+            self._frame = read_table(self._path)
+        return self._frame
+
+    @property
+    def column_names(self) -> list[str]:
+        if self._frame is not None:
+            return [c for c in self._frame.columns]
+        names = _read_column_names(self._path)
+        return names if names is not None else list(self.frame.columns)
 
     def __len__(self) -> int:
-        return len(self.frame)
+        if self._frame is not None:
+            return len(self._frame)
+        if self._len is None:
+            if self._path.suffix.lower() in _PARQUET:
+                import pyarrow.parquet as pq
+
+                self._len = pq.ParquetFile(self._path).metadata.num_rows
+            else:
+                self._len = len(self._id_values())
+        return self._len
 
     @property
     def extra_columns(self) -> list[str]:
         """Columns carried through untouched (everything but the image itself)."""
-        return [c for c in self.frame.columns if c not in (self.columns.id, self.columns.image)]
+        return [c for c in self.column_names if c not in (self.columns.id, self.columns.image)]
 
-    def iter_chunks(
+    def _id_values(self) -> list[Any]:
+        if self._frame is not None:
+            return self._frame[self.columns.id].tolist()
+        return read_table(self._path, columns=[self.columns.id])[self.columns.id].tolist()
+
+    def iter_parts(self, start: int = 0, stop: int | None = None, chunk_size: int = 512) -> Iterator[pd.DataFrame]:
+        """Rows ``[start, stop)`` as DataFrames of at most ``chunk_size`` rows, indexed by row number."""
+        stop = len(self) if stop is None else stop
+        if self._frame is not None:
+            for lo in range(start, stop, chunk_size):
+                yield self._frame.iloc[lo : min(lo + chunk_size, stop)]
+            return
+        offset = 0
+        for part in _iter_file(self._path, chunk_size):
+            lo, hi = offset, offset + len(part)
+            offset = hi
+            if hi <= start:
+                continue
+            if lo >= stop:
+                break
+            part.index = pd.RangeIndex(lo, hi)
+            yield part.loc[max(lo, start) : min(hi, stop) - 1]
+
+    def iter_chunks(self, *args: Any, **kwargs: Any) -> Iterator[list[Product]]:
+        """Yield validated products chunk by chunk; problems go to ``report`` (or raise if strict).
+
+        Arguments as :meth:`iter_rows_and_products`.
+        """
+        for _, products in self.iter_rows_and_products(*args, **kwargs):
+            yield products
+
+    def iter_rows_and_products(
         self,
         image_size: int,
         use_description: bool = False,
@@ -216,8 +334,8 @@ class Catalog:
         limits: ImageLimits | None = None,
         workers: int | None = None,
         shard: tuple[int, int] | None = None,
-    ) -> Iterator[list[Product]]:
-        """Yield validated products chunk by chunk; problems go to ``report`` (or raise if strict).
+    ) -> Iterator[tuple[pd.DataFrame, list[Product]]]:
+        """Yield (the raw rows, indexed by row number; their validated products) chunk by chunk.
 
         Images decode in a thread pool: Pillow releases the GIL while decoding. ``shard=(rank,
         world)`` walks only that contiguous share of the rows (row numbers stay global); duplicate
@@ -226,18 +344,17 @@ class Catalog:
         report = report if report is not None else CatalogReport()
         report.source = self.source
         seen: dict[str, int] = {}
-        span = range(len(self.frame))
+        span = range(len(self))
         if shard is not None:
             rank, world = shard
-            bounds = np.linspace(0, len(self.frame), world + 1).round().astype(int)
+            bounds = np.linspace(0, len(self), world + 1).round().astype(int)
             span = range(int(bounds[rank]), int(bounds[rank + 1]))
             seen = self._first_rows_by_id(span.start)
         workers = workers or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for start in range(span.start, span.stop, chunk_size):
-                part = self.frame.iloc[start : min(start + chunk_size, span.stop)]
+            for part in self.iter_parts(span.start, span.stop, chunk_size):
                 records = part.to_dict("records")
-                rows = range(start, start + len(records))
+                rows = part.index
                 checked = list(
                     pool.map(lambda rr: self._check_row(rr[0], rr[1], image_size, use_description, limits),
                              zip(rows, records))
@@ -260,12 +377,12 @@ class Catalog:
                     report.text_only += item.image is None
                     report.image_only += item.text is None
                     out.append(item)
-                yield out
+                yield part, out
 
     def _first_rows_by_id(self, before: int) -> dict[str, int]:
         """First row of every id among rows [0, before): what an earlier shard has claimed."""
         first: dict[str, int] = {}
-        for row, raw in enumerate(self.frame[self.columns.id].iloc[:before]):
+        for row, raw in enumerate(self._id_values()[:before]):
             if isinstance(raw, float) and raw.is_integer():
                 raw = int(raw)
             try:

@@ -96,7 +96,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         print(f"-k {a.k} capped at the classifier's {k} classes")
     catalog = _open_catalog(a)
     label_col = a.label or clf.label_column
-    score = label_col is not None and label_col in catalog.frame
+    score = label_col is not None and label_col in catalog.column_names
     names = [f"label_{i}" for i in range(1, k + 1)] + [f"prob_{i}" for i in range(1, k + 1)]
     carried = [c for c in catalog.extra_columns if c not in names]
     if len(carried) < len(catalog.extra_columns):
@@ -113,14 +113,15 @@ def cmd_predict(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     bar = tqdm(total=len(catalog), disable=a.no_progress, desc="classify", dynamic_ncols=True)
     try:
-        for chunk in catalog.iter_chunks(cfg.image_size, cfg.use_description, a.strict, report,
-                                         chunk_size=a.batch_size * 4):
-            bar.update(len(chunk))
+        for raw, chunk in catalog.iter_rows_and_products(cfg.image_size, cfg.use_description, a.strict, report,
+                                                         chunk_size=a.batch_size * 4):
+            bar.update(len(raw))  # rows read, bad ones included
             if not chunk:
                 continue
             emb = _encode(encoder, chunk, a.batch_size, False)
             top = clf.top_k(emb, k)
-            part = catalog.frame.iloc[[p.row for p in chunk]][carried].reset_index(drop=True)
+            rows = raw.loc[[p.row for p in chunk]].reset_index(drop=True)
+            part = rows[carried]
             cols = {"id": [p.id for p in chunk]}
             for i in range(k):
                 cols[f"label_{i + 1}"] = [t[i][0] for t in top]
@@ -133,7 +134,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
             writer.write_table(table.cast(writer.schema))
             if score:
                 tops.extend(top)
-                truth.extend(part[label_col].tolist() if label_col in part else [None] * len(chunk))
+                truth.extend(rows[label_col].tolist())
     finally:
         bar.close()
         if writer is not None:

@@ -42,14 +42,14 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
     written = 0
     bar = tqdm(total=len(catalog), disable=not progress, desc="embed", dynamic_ncols=True)
     try:
-        for chunk in catalog.iter_chunks(cfg.image_size, cfg.use_description, strict, report,
-                                         chunk_size=batch_size * 4, shard=shard):
-            bar.update(len(chunk))
+        for part, chunk in catalog.iter_rows_and_products(cfg.image_size, cfg.use_description, strict, report,
+                                                          chunk_size=batch_size * 4, shard=shard):
+            bar.update(len(part))  # rows read, bad ones included
             if not chunk:
                 continue
             vecs = np.concatenate([encoder.encode_products(chunk[i : i + batch_size])
                                    for i in range(0, len(chunk), batch_size)])
-            frame = catalog.frame.iloc[[p.row for p in chunk]][carried].reset_index(drop=True)
+            frame = part.loc[[p.row for p in chunk], carried].reset_index(drop=True)
             frame.insert(0, "id", [p.id for p in chunk])
             frame["has_image"] = [p.image is not None for p in chunk]
             frame["has_title"] = [p.text is not None for p in chunk]
