@@ -23,3 +23,10 @@ for name in item-all5 item-mlm-mim item-mlm-mim-itm; do
       --patch-size 16 --loss-weights "${weights[$name]}" --save-every 200 --no-progress --resume
   echo "$name: $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
 done
+# The CLIP-style peer: same cache, steps, batch, image/patch size and precision.
+if [ ! -f "$out/dual/model.safetensors" ]; then
+  start=$(date +%s)
+  "$bin/item-embed" train-dual "$out/cache96" --out "$out/dual" --steps "$steps" --batch-size 32 \
+      --patch-size 16 --save-every 200 --no-progress --resume
+  echo "dual: $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
+fi

@@ -298,6 +298,8 @@ def test_cli_full_form_writes_results_json(tiny_catalog, tiny_run, tmp_path, cap
             assert set(probe["linear"]) >= {"accuracy", "macro_f1"} and set(probe["knn"]) >= {"accuracy", "macro_f1"}
     assert set(res["diagnostics"]) == {"cls_attention_image", "cls_attention_text", "cos_joint_image",
                                        "cos_joint_title"}
+    assert item["diagnostics"] == res["diagnostics"]  # each ITEm model carries its own; baselines none
+    assert all("diagnostics" not in f for name, f in res["features"].items() if name != "item")
     assert res["commands"][0].startswith(f"item-embed evaluate {tiny_catalog} --model {tiny_run}")
     assert set(res["seconds"]) >= set(res["features"])
     md = (out / "results.md").read_text()

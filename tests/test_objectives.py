@@ -157,3 +157,52 @@ def test_mim_targets_are_per_patch_normalised():
     assert t.shape == (2, 16, 8 * 8 * 3)
     assert np.allclose(t.mean(-1).numpy(), 0, atol=1e-5)
     assert np.allclose(t.std(-1).numpy(), 1, atol=1e-2)
+
+
+def test_original_ids_undo_mlm_masking():
+    batch = make_batch(b=16, t=20)
+    mb = mask_batch(batch, ObjectiveConfig(mlm_prob=0.5), 4, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(1))
+    assert not torch.equal(mb.input_ids, batch.input_ids)
+    assert torch.equal(mb.original_ids(), batch.input_ids)
+
+
+def test_views_match_how_the_encoder_sees_one_modality(tiny):
+    """The image view is what a mixed batch gives an image-only row ([CLS] [SEP] + clean patches), the
+    title view what it gives a text-only row, whatever masking the shared pass used."""
+    from item_embed.objectives import view_embeddings
+
+    model, _ = tiny
+    batch = make_batch(b=6)
+    mb = mask_batch(batch, ObjectiveConfig(), model.cfg.num_patches, SPECIALS, MASK, VOCAB,
+                    torch.Generator().manual_seed(0))
+    rows = mb.matched.clone()
+    with torch.no_grad():
+        got_image = view_embeddings(model, mb, rows, "image")
+        got_title = view_embeddings(model, mb, rows, "title")
+        as_image_only = make_batch(b=6, image_only_rows=range(6))
+        ref_image = model.pool(model(as_image_only.input_ids, as_image_only.text_mask, batch.images, batch.has_image))
+        ref_title = model.pool(model(batch.input_ids, batch.text_mask))
+    assert torch.allclose(got_image, ref_image[rows], atol=1e-5)
+    assert torch.allclose(got_title, ref_title[rows], atol=1e-5)
+
+
+@pytest.mark.parametrize("views", ["image", "image,title"])
+def test_contrastive_term(tiny, views):
+    model, _ = tiny
+    model.train()
+    obj = ItemObjectives(model, ObjectiveConfig(itm=0, mlm=0, mim=0, global_mlm=0, global_mim=0,
+                                                contrastive=1, contrastive_views=views))
+    assert set(obj.heads) == {"contrastive"}
+    batch = make_batch(b=8, text_only_rows=(1,), image_only_rows=(2,))
+    mb = mask_batch(batch, obj.cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
+    losses = obj(model, model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask), mb)
+    # 6 usable rows (one lacks an image, one a title): InfoNCE of a near-random model is near log(6).
+    assert abs(losses["contrastive"].item() - np.log(6)) < 0.7
+    losses["loss"].backward()
+    assert model.patch_embed.weight.grad.abs().sum() > 0  # the image side learns from it
+    assert obj.heads["contrastive"].logit_scale.grad is not None
+
+
+def test_contrastive_views_are_checked():
+    with pytest.raises(ValueError, match="contrastive_views"):
+        ObjectiveConfig(contrastive=1, contrastive_views="audio")

@@ -64,7 +64,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
     objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio,
-                                 itm_negative_ratio=a.itm_negatives)
+                                 itm_negative_ratio=a.itm_negatives, contrastive_views=a.contrastive_views)
     tcfg = TrainConfig(steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                        precision=a.precision, save_every=a.save_every, objectives=objectives,
                        warmup_ratio=a.warmup_ratio, grad_accum=a.grad_accum, compile=a.compile)
@@ -311,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mlm-prob", type=float, default=0.15)
     t.add_argument("--mim-ratio", type=float, default=0.5)
     t.add_argument("--itm-negatives", type=float, default=0.5, help="share of the batch with a swapped image")
-    t.add_argument("--loss-weights", help="e.g. itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1 (0 turns one off)")
+    t.add_argument("--loss-weights", help="e.g. itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1 "
+                                          "(0 turns one off)")
+    t.add_argument("--contrastive-views", default="image",
+                   help="reduced views the contrastive term pulls towards the full product: image, title or "
+                        "image,title (each costs one extra forward pass)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")

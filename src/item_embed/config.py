@@ -95,7 +95,7 @@ def model_config_for(preset: str, **overrides: Any) -> ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Weights and masking of the five ITEm objectives (weight 0 turns one off)."""
+    """Weights and masking of the five ITEm objectives and the optional contrastive term (0 = off)."""
 
     itm: float = 1.0
     mlm: float = 1.0
@@ -105,8 +105,17 @@ class ObjectiveConfig:
     mlm_prob: float = 0.15
     mim_ratio: float = 0.5
     itm_negative_ratio: float = 0.5
+    # Optional sixth term (METHOD.md, "modality" remedies): in-batch InfoNCE between the [CLS]
+    # embedding of a reduced view of each product (image only, title only) and of the full product.
+    contrastive: float = 0.0
+    contrastive_views: str = "image"  # "image", "title" or "image,title"
 
-    WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim")
+    WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive")
+    VIEWS = ("image", "title")
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return tuple(v.strip() for v in self.contrastive_views.split(",") if v.strip())
 
     def weights(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.WEIGHT_NAMES}
@@ -117,6 +126,9 @@ class ObjectiveConfig:
                 raise ValueError(f"objective weight {name}={w} is negative")
         if not any(self.weights().values()):
             raise ValueError("every objective weight is 0: nothing to train")
+        bad = [v for v in self.views if v not in self.VIEWS]
+        if bad or not self.views:
+            raise ValueError(f"contrastive_views={self.contrastive_views!r}: use image, title or image,title")
         for name in ("mlm_prob", "mim_ratio", "itm_negative_ratio"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:

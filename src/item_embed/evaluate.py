@@ -557,7 +557,8 @@ def evaluate_all(products: RawProducts, featurizers: Iterable[Featurizer], group
                          "cos_joint_image", "cos_joint_title"} | None,
          "commands": [str], "seconds": {NAME: float}}
 
-    ``diagnostics`` come from the featurizer named ``diagnostics_of`` (ITEm), None without one.
+    ``diagnostics`` come from the featurizer named ``diagnostics_of`` (ITEm), None without one;
+    every ITEm featurizer also gets ``features[NAME]["diagnostics"]``.
     ``seconds`` per feature include its fit and embedding passes (fusion reuses minilm's and
     pixels16's cached passes, so its time is only the rest).
     """
@@ -571,8 +572,10 @@ def evaluate_all(products: RawProducts, featurizers: Iterable[Featurizer], group
         if hasattr(f, "fit"):
             f.fit(products)
         out["features"][f.name] = evaluate_featurizer(f, products, group, labels, modes, k, test)
+        if getattr(f, "_item_model", None) is not None:  # every ITEm model gets its own
+            out["features"][f.name]["diagnostics"] = f.diagnostics(products)
         if f.name == diagnostics_of and hasattr(f, "diagnostics"):
-            out["diagnostics"] = f.diagnostics(products)
+            out["diagnostics"] = out["features"][f.name].get("diagnostics") or f.diagnostics(products)
         out["seconds"][f.name] = round(time.perf_counter() - t0, 2)
     return out
 
@@ -620,9 +623,13 @@ def results_tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]
     if rows:
         tables.append(("Category prediction (test fold)", ["features", "label", "linear acc", "linear macro-F1",
                                                            "kNN acc", "kNN macro-F1"], rows))
-    if results.get("diagnostics"):
-        tables.append(("Modality diagnostics", ["diagnostic", "value"],
-                       [[k, _fmt(v)] for k, v in results["diagnostics"].items()]))
+    diag = {name: f["diagnostics"] for name, f in feats.items() if f.get("diagnostics")}
+    if not diag and results.get("diagnostics"):
+        diag = {"item": results["diagnostics"]}
+    if diag:
+        keys = list(dict.fromkeys(k for d in diag.values() for k in d))
+        tables.append(("Modality diagnostics", ["features", *keys],
+                       [[name, *(_fmt(d.get(k, float("nan"))) for k in keys)] for name, d in diag.items()]))
     if results.get("seconds"):
         tables.append(("Wall time (s)", ["features", "seconds"],
                        [[k, f"{v:.1f}"] for k, v in results["seconds"].items()]))

@@ -8,6 +8,7 @@ losses are then computed on matched rows only. The global heads read nothing but
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,11 @@ class MaskedBatch:
     mim_mask: torch.Tensor | None  # (B, N) bool: patch replaced by [MASK]
     itm_labels: torch.Tensor  # (B,) 1 matched, 0 swapped, IGNORE when the row lacks a modality
     matched: torch.Tensor  # (B,) bool: rows whose image is their own (masked losses use these)
+    has_text: torch.Tensor  # (B,) bool
+
+    def original_ids(self) -> torch.Tensor:
+        """Token ids before MLM masking (the labels hold the originals of every chosen position)."""
+        return torch.where(self.mlm_labels != IGNORE, self.mlm_labels, self.input_ids)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -105,7 +111,7 @@ def mask_batch(
         mim_mask = (ranks < k) & batch.has_image.unsqueeze(1)
 
     return MaskedBatch(input_ids, batch.text_mask, images, batch.has_image, mlm_labels, mim_mask,
-                       itm_labels, matched)
+                       itm_labels, matched, batch.has_text)
 
 
 def patch_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -161,6 +167,32 @@ class PatchHead(nn.Module):
         return self.out(self.transform(x))  # (K, p*p*3)
 
 
+class ContrastiveHead(nn.Module):
+    """Symmetric in-batch InfoNCE between two L2-normalised views, with a learned temperature (CLIP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * (a @ b.T)
+        target = torch.arange(len(a), device=a.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def view_embeddings(model: ItemModel, mb: MaskedBatch, rows: torch.Tensor, view: str) -> torch.Tensor:
+    """Pooled embeddings of ``rows`` seen through one modality, built exactly as the encoder sees an
+    image-only product (``[CLS] [SEP]`` + clean patches) or a title-only one (clean tokens, no image)."""
+    ids, text_mask = mb.original_ids()[rows], mb.text_mask[rows]
+    if view == "image":
+        sep = ids.gather(1, (text_mask.sum(1, keepdim=True) - 1).clamp(min=0))
+        ids = torch.cat([ids[:, :1], sep], dim=1)
+        out = model(ids, torch.ones_like(ids, dtype=torch.bool), mb.images[rows], mb.has_image[rows], None)
+    else:
+        out = model(ids, text_mask, None, None, None)
+    return model.pool(out)
+
+
 class ItemObjectives(nn.Module):
     """Heads and losses of the enabled objectives; sums them with their weights."""
 
@@ -181,6 +213,8 @@ class ItemObjectives(nn.Module):
             self.heads["mim"] = PatchHead(h, h, mc.patch_dim, eps)
         if w["global_mim"] > 0:
             self.heads["global_mim"] = PatchHead(2 * h, h, mc.patch_dim, eps)
+        if w["contrastive"] > 0:
+            self.heads["contrastive"] = ContrastiveHead()
 
     def global_word_logits(self, model: ItemModel, out: EncoderOutput, rows: torch.Tensor,
                            positions: torch.Tensor) -> torch.Tensor:
@@ -228,6 +262,15 @@ class ItemObjectives(nn.Module):
                 if "global_mim" in self.heads:
                     pred = self.global_patch_pred(model, out, rows, patches)
                     losses["global_mim"] = F.mse_loss(pred.float(), target)
+
+        if "contrastive" in self.heads and mb.images is not None:
+            # Full products: the shared pass's matched rows (masked, like any augmented view).
+            rows = mb.matched & mb.has_image & mb.has_text
+            if int(rows.sum()) >= 2:
+                full = model.pool(out)[rows]
+                terms = [self.heads["contrastive"](view_embeddings(model, mb, rows, v), full)
+                         for v in self.cfg.views]
+                losses["contrastive"] = sum(terms) / len(terms)
 
         total = sum((w[k] * v for k, v in losses.items() if k in w), torch.zeros(()))
         losses["loss"] = total
