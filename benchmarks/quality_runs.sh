@@ -2,6 +2,7 @@
 # Pre-train ITEm and its ablations with one equal budget on both real catalogs (no labels).
 #   bash benchmarks/quality_runs.sh OUT_DIR [STEPS]
 # Budget: STEPS optimiser steps x batch 32 at 96 px / patch 16, 64 text tokens, bf16 autocast.
+# The contrastive run adds one short image-only forward pass per step (measured cost in RESULTS.md).
 set -euo pipefail
 out=${1:?usage: quality_runs.sh OUT_DIR [STEPS]}
 steps=${2:-600}
@@ -15,8 +16,9 @@ declare -A weights=(
   [item-all5]="itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1"
   [item-mlm-mim]="itm=0,mlm=1,mim=1,global_mlm=0,global_mim=0"
   [item-mlm-mim-itm]="itm=1,mlm=1,mim=1,global_mlm=0,global_mim=0"
+  [item-all5-contrastive]="itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1"
 )
-for name in item-all5 item-mlm-mim item-mlm-mim-itm; do
+for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \
