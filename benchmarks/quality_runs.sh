@@ -17,12 +17,17 @@ declare -A weights=(
   [item-mlm-mim]="itm=0,mlm=1,mim=1,global_mlm=0,global_mim=0"
   [item-mlm-mim-itm]="itm=1,mlm=1,mim=1,global_mlm=0,global_mim=0"
   [item-all5-contrastive]="itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1"
+  [item-all5-contrastive-sg]="itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1"
 )
-for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive; do
+declare -A flags=(
+  [item-all5-contrastive]="--contrastive-both-ways"   # the full product's embedding moves too
+  [item-all5-contrastive-sg]=""                        # default: the full embedding is a fixed target
+)
+for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \
-      --patch-size 16 --loss-weights "${weights[$name]}" --save-every 200 --no-progress --resume
+      --patch-size 16 --loss-weights "${weights[$name]}" ${flags[$name]:-} --save-every 200 --no-progress --resume
   echo "$name: $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
 done
 # The CLIP-style peer: same cache, steps, batch, image/patch size and precision.

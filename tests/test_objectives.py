@@ -206,3 +206,19 @@ def test_contrastive_term(tiny, views):
 def test_contrastive_views_are_checked():
     with pytest.raises(ValueError, match="contrastive_views"):
         ObjectiveConfig(contrastive=1, contrastive_views="audio")
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_contrastive_full_product_is_a_fixed_target_by_default(tiny, stop_grad):
+    """With stop_grad the term moves only the reduced view; the shared pass's output gets no gradient."""
+    model, _ = tiny
+    obj = ItemObjectives(model, ObjectiveConfig(itm=0, mlm=0, mim=0, global_mlm=0, global_mim=0, contrastive=1,
+                                                contrastive_stop_grad=stop_grad))
+    batch = make_batch(b=8)
+    mb = mask_batch(batch, obj.cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
+    out = model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask)
+    out.hidden.retain_grad()
+    obj(model, out, mb)["loss"].backward()
+    moved = out.hidden.grad is not None and bool(out.hidden.grad.abs().sum() > 0)
+    assert moved is not stop_grad
+    assert ObjectiveConfig().contrastive_stop_grad

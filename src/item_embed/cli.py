@@ -64,7 +64,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
     objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio,
-                                 itm_negative_ratio=a.itm_negatives, contrastive_views=a.contrastive_views)
+                                 itm_negative_ratio=a.itm_negatives, contrastive_views=a.contrastive_views,
+                                 contrastive_stop_grad=not a.contrastive_both_ways)
     tcfg = TrainConfig(steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                        precision=a.precision, save_every=a.save_every, objectives=objectives,
                        warmup_ratio=a.warmup_ratio, grad_accum=a.grad_accum, compile=a.compile)
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--contrastive-views", default="image",
                    help="reduced views the contrastive term pulls towards the full product: image, title or "
                         "image,title (each costs one extra forward pass)")
+    t.add_argument("--contrastive-both-ways", action="store_true",
+                   help="let the contrastive term move the full product's embedding too (default: it is the "
+                        "fixed target; both ways made [CLS] copy the image in our runs)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")

@@ -109,6 +109,9 @@ class ObjectiveConfig:
     # embedding of a reduced view of each product (image only, title only) and of the full product.
     contrastive: float = 0.0
     contrastive_views: str = "image"  # "image", "title" or "image,title"
+    # The full product's embedding is the target, held still (no gradient): measured, letting it move
+    # too makes [CLS] copy the image into the full embedding (joint ~= image-only) and costs the title.
+    contrastive_stop_grad: bool = True
 
     WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive")
     VIEWS = ("image", "title")

@@ -268,6 +268,8 @@ class ItemObjectives(nn.Module):
             rows = mb.matched & mb.has_image & mb.has_text
             if int(rows.sum()) >= 2:
                 full = model.pool(out)[rows]
+                if self.cfg.contrastive_stop_grad:
+                    full = full.detach()
                 terms = [self.heads["contrastive"](view_embeddings(model, mb, rows, v), full)
                          for v in self.cfg.views]
                 losses["contrastive"] = sum(terms) / len(terms)
