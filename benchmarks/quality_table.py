@@ -2,8 +2,8 @@
 
     python benchmarks/quality_table.py OUT_DIR [--no-results]
 
-Reads OUT_DIR/eval-hm/results.json and OUT_DIR/eval-fashion/results.json (every feature of each,
-baselines included: one harness, one split), OUT_DIR/walltime.txt and each run's config.json and
+Reads every OUT_DIR/eval-hm*/results.json and OUT_DIR/eval-fashion*/results.json (each feature,
+baselines included: one harness; the split depends only on the catalog, so every file has the same one), OUT_DIR/walltime.txt and each run's config.json and
 metrics.jsonl. Prints the tables and the issue-7 targets (PASS/MISS) and writes them into RESULTS.md.
 """
 
@@ -42,14 +42,12 @@ def load(out: Path) -> tuple[dict[str, dict], list[str]]:
     """{feature: {"hm": features-entry, "fashion": features-entry}} and the evaluate commands."""
     feats: dict[str, dict] = {}
     commands = []
-    for key, folder in (("hm", "eval-hm"), ("fashion", "eval-fashion")):
-        path = out / folder / "results.json"
-        if not path.is_file():
-            continue
-        res = json.loads(path.read_text())
-        commands += res.get("commands", [])
-        for name, entry in res["features"].items():
-            feats.setdefault(name, {})[key] = entry
+    for key in ("hm", "fashion"):
+        for path in sorted(out.glob(f"eval-{key}*/results.json")):
+            res = json.loads(path.read_text())
+            commands += res.get("commands", [])
+            for name, entry in res["features"].items():
+                feats.setdefault(name, {})[key] = entry
     return feats, commands
 
 
@@ -70,7 +68,9 @@ def run_rows(out: Path) -> list[list[object]]:
         weights = ",".join(f"{k}={v:g}" for k, v in obj.items()
                            if k in ("itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive") and v)
         if obj.get("contrastive"):
-            weights += f" (views {obj.get('contrastive_views')})"
+            # Runs from before the option existed moved the full embedding too.
+            how = "full embedding fixed" if obj.get("contrastive_stop_grad", False) else "both ways"
+            weights += f" (views {obj.get('contrastive_views')}, {how})"
         last = {}
         metrics = run / "metrics.jsonl"
         if metrics.is_file():
@@ -79,7 +79,7 @@ def run_rows(out: Path) -> list[list[object]]:
                 last = json.loads(lines[-1])
         losses = ", ".join(f"{k} {last[k]:.3f}" for k in ("itm", "itm_acc", "mlm", "mim", "contrastive", "loss")
                            if k in last)
-        rows.append([run.name, weights or "CLIP-style InfoNCE", last.get("step", "?") + 1 if last else "?",
+        rows.append([run.name, weights or "CLIP-style InfoNCE", last.get("step", "?") if last else "?",
                      train.get("batch_size", cfg.get("batch_size", "?")), walls.get(run.name, "?"), losses])
     return rows
 
@@ -131,7 +131,8 @@ def main() -> int:
             row.append(f"{_f(v)} {'PASS' if ok else 'MISS'}")
         target_rows.append(row)
 
-    runs = run_rows(a.out)
+    evaluated = {n.split(":", 1)[-1] for n in feats}
+    runs = [r for r in run_rows(a.out) if r[0] in evaluated]
     body = "\n\n".join([
         "Training runs (one budget for all: the same steps, batch, image/patch size, text length, "
         "precision and preprocessing cache; wall seconds are on the shared 2-core machine and swing "
@@ -149,7 +150,9 @@ def main() -> int:
                           "cos(joint, title-only)"], diag_rows) if diag_rows else "(none)",
         "### Targets of issue 7 (PASS = reaches the target and beats the dual encoder)",
         C.markdown_table(["target", "needed", dual or "dual", *item_names], target_rows),
-        "Commands:\n\n" + "\n".join(f"    {c}" for c in commands),
+        "Commands (training: `bash benchmarks/quality_runs.sh /tmp/q 600`; machine: "
+        + ", ".join(f"{k} {v}" for k, v in C.machine().items()) + "):\n\n"
+        + "\n".join(f"    {c}" for c in commands),
     ])
     print(body)
     if not a.no_results:
