@@ -58,8 +58,29 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def load_training_data(a: argparse.Namespace, tokenizer):
+    """(ProductArrays, ModelConfig, row report or None) from a preprocessing cache or a catalog file."""
+    from .data import ProductArrays, is_cache, load_cache
+
+    t0 = time.perf_counter()
+    if is_cache(a.catalog):
+        data, meta = load_cache(a.catalog)
+        if _is_main_rank():
+            print(f"using the preprocessing cache {a.catalog}: {len(data)} products "
+                  f"(its row report: {Path(a.catalog) / 'catalog_report.json'})")
+        return data, _model_config(a, meta), None
+    cfg = _model_config(a)
+    report = CatalogReport()
+    products = _open_catalog(a).load_all(cfg.image_size, use_description=cfg.use_description,
+                                         strict=a.strict, report=report)
+    data = ProductArrays.build(products, tokenizer, cfg.max_text_len, cfg.image_size)
+    if _is_main_rank():
+        print(f"prepared {len(data)} products in {time.perf_counter() - t0:.1f}s")
+    return data, cfg, report
+
+
 def cmd_train(a: argparse.Namespace) -> int:
-    from .data import ProductArrays, is_cache, load_cache, load_tokenizer
+    from .data import load_tokenizer
     from .train import train
 
     weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
@@ -71,23 +92,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                        warmup_ratio=a.warmup_ratio, grad_accum=a.grad_accum, compile=a.compile)
     out = Path(a.out)
     tokenizer = load_tokenizer()
-    report = None
-    t0 = time.perf_counter()
-    if is_cache(a.catalog):
-        data, meta = load_cache(a.catalog)
-        cfg = _model_config(a, meta)
-        if _is_main_rank():
-            print(f"using the preprocessing cache {a.catalog}: {len(data)} products "
-                  f"(its row report: {Path(a.catalog) / 'catalog_report.json'})")
-    else:
-        cfg = _model_config(a)
-        report = CatalogReport()
-        products = _open_catalog(a).load_all(cfg.image_size, use_description=cfg.use_description,
-                                             strict=a.strict, report=report)
-        data = ProductArrays.build(products, tokenizer, cfg.max_text_len, cfg.image_size)
-        del products
-        if _is_main_rank():
-            print(f"prepared {len(data)} products in {time.perf_counter() - t0:.1f}s")
+    data, cfg, report = load_training_data(a, tokenizer)
     result = train(data, tokenizer, out, cfg, tcfg, resume=a.resume, progress=not a.no_progress,
                    device=a.device, extra={"catalog": str(a.catalog)})
     if not _is_main_rank():

@@ -6,31 +6,17 @@ import argparse
 import time
 from pathlib import Path
 
-from .catalog import CatalogReport
-from .cli import _add_catalog_args, _finish_report, _model_config, _open_catalog
+from .cli import _add_catalog_args, _finish_report, load_training_data
 from .config import TrainConfig
 
 
 def cmd_train_dual(a: argparse.Namespace) -> int:
-    from .data import ProductArrays, is_cache, load_cache, load_tokenizer
+    from .data import load_tokenizer
     from .dual import DualConfig, train_dual
     from .train import total_steps
 
     tokenizer = load_tokenizer()
-    report = None
-    t0 = time.perf_counter()
-    if is_cache(a.catalog):
-        data, meta = load_cache(a.catalog)
-        cfg = _model_config(a, meta)
-        print(f"using the preprocessing cache {a.catalog}: {len(data)} products")
-    else:
-        cfg = _model_config(a)
-        report = CatalogReport()
-        products = _open_catalog(a).load_all(cfg.image_size, use_description=cfg.use_description,
-                                             strict=a.strict, report=report)
-        data = ProductArrays.build(products, tokenizer, cfg.max_text_len, cfg.image_size)
-        del products
-        print(f"prepared {len(data)} products in {time.perf_counter() - t0:.1f}s")
+    data, cfg, report = load_training_data(a, tokenizer)
     steps = a.steps
     if steps is None and a.epochs is not None and a.max_seconds is not None:
         # Both a time and an epoch budget: the epochs' step count caps the run.
