@@ -170,3 +170,42 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_catalog, tmp_path):
     a = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line)["loss"] for line in (accum / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(a, b, rtol=0.03)
+
+
+def test_new_lr_scale_groups_only_what_starts_from_scratch():
+    from item_embed.config import ObjectiveConfig, model_config_for
+    from item_embed.model import ItemModel
+    from item_embed.objectives import ItemObjectives
+    from item_embed.train import _param_groups
+
+    model = ItemModel(model_config_for("tiny"))
+    heads = ItemObjectives(model, ObjectiveConfig())
+    assert len(_param_groups([model, heads], 0.01)) == 2  # scale 1: the plain decay / no-decay split
+    groups = _param_groups([model, heads], 0.01, new_lr_scale=10.0)
+    scaled = {id(p) for g in groups if g["lr_scale"] == 10.0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in scaled}
+    assert names == {n for n, _ in model.named_parameters() if not n.startswith("bert.")}
+    assert {"patch_embed.weight", "image_pos", "mask_patch"} <= names
+    assert all(id(p) in scaled for p in heads.parameters())
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())) + len(list(heads.parameters()))
+
+    from item_embed.dual import DualModel
+
+    dual = DualModel(model_config_for("tiny"))
+    scaled = {id(p) for g in _param_groups([dual], 0.01, 10.0) if g["lr_scale"] == 10.0 for p in g["params"]}
+    names = {n for n, p in dual.named_parameters() if id(p) in scaled}
+    assert names == {n for n, _ in dual.named_parameters() if not n.startswith("text.bert.")}
+    assert "image.patch_embed.weight" in names and "logit_scale" in names
+
+
+def test_new_lr_scale_zero_freezes_the_image_side(tiny_catalog, tmp_path):
+    """The scale reaches the optimiser: at 0 the patch projection never moves while the encoder does."""
+    runs = {}
+    for steps in (2, 4):
+        run = tmp_path / f"s{steps}"
+        assert main(["train", str(tiny_catalog), "--out", str(run), "--steps", str(steps), "--save-every", "100",
+                     "--new-lr-scale", "0", *TRAIN]) == 0
+        runs[steps] = load_file(str(run / "model.safetensors"))
+    np.testing.assert_array_equal(runs[2]["patch_embed.weight"], runs[4]["patch_embed.weight"])
+    bert = next(k for k in runs[2] if k.startswith("bert.encoder"))
+    assert not np.array_equal(runs[2][bert], runs[4][bert])

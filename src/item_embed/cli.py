@@ -89,7 +89,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                                  contrastive_stop_grad=not a.contrastive_both_ways)
     tcfg = TrainConfig(steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                        precision=a.precision, save_every=a.save_every, objectives=objectives,
-                       warmup_ratio=a.warmup_ratio, grad_accum=a.grad_accum, compile=a.compile)
+                       warmup_ratio=a.warmup_ratio, grad_accum=a.grad_accum, compile=a.compile,
+                       new_lr_scale=a.new_lr_scale)
     out = Path(a.out)
     tokenizer = load_tokenizer()
     data, cfg, report = load_training_data(a, tokenizer)
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pooling", choices=["cls", "mean"])
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
+    t.add_argument("--new-lr-scale", type=float, default=1.0,
+                   help="lr multiplier for what starts from scratch: patch projection, image positions, "
+                        "heads (the MiniLM encoder keeps --lr)")
     t.add_argument("--mlm-prob", type=float, default=0.15)
     t.add_argument("--mim-ratio", type=float, default=0.5)
     t.add_argument("--itm-negatives", type=float, default=0.5, help="share of the batch with a swapped image")

@@ -24,7 +24,7 @@ def cmd_train_dual(a: argparse.Namespace) -> int:
         steps = total_steps(pairs, TrainConfig(epochs=a.epochs, batch_size=a.batch_size))
     tcfg = TrainConfig(steps=steps, epochs=a.epochs if a.epochs is not None else 1.0, batch_size=a.batch_size,
                        lr=a.lr, seed=a.seed, precision=a.precision, save_every=a.save_every,
-                       warmup_ratio=a.warmup_ratio)
+                       warmup_ratio=a.warmup_ratio, new_lr_scale=a.new_lr_scale)
     out = Path(a.out)
     result = train_dual(data, tokenizer, out, cfg, tcfg, DualConfig(embed_dim=a.embed_dim), max_seconds=a.max_seconds,
                         resume=a.resume, progress=not a.no_progress, device=a.device,
@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--embed-dim", type=int, default=256, help="size of the shared embedding space")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
+    t.add_argument("--new-lr-scale", type=float, default=1.0,
+                   help="lr multiplier for what starts from scratch (image tower, projections, temperature); "
+                        "the MiniLM text tower keeps --lr. Give it ITEm's value for an equal recipe")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")

@@ -161,6 +161,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 32
     lr: float = 1e-4
+    new_lr_scale: float = 1.0  # lr multiplier for parameters that start from scratch (image side, heads)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
@@ -178,6 +179,8 @@ class TrainConfig:
             self.objectives = ObjectiveConfig(**self.objectives)
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, not {self.precision!r}")
+        if not self.new_lr_scale >= 0:
+            raise ValueError(f"new_lr_scale must be >= 0, not {self.new_lr_scale}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2 (image-text matching swaps within a batch)")
 

@@ -333,7 +333,8 @@ def train_dual(
         log(f"no usable checkpoint in {run_dir}: starting from scratch")
 
     model.to(dev).train()
-    opt = torch.optim.AdamW(_param_groups([model], cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(_param_groups([model], cfg.weight_decay, cfg.new_lr_scale), lr=cfg.lr,
+                            betas=(0.9, 0.98))
     if opt_state is not None:
         optimizer_from_tensors(opt, *opt_state)
     params = [p for grp in opt.param_groups for p in grp["params"]]
@@ -359,7 +360,7 @@ def train_dual(
             while not budget.done(step, elapsed):
                 lr = budget.lr(step, elapsed, cfg)
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 batch = data.batch(pairs[batch_indices(len(pairs), cfg.batch_size, cfg.seed, step)])
                 torch.manual_seed(_step_seed(cfg.seed, step, 2))  # dropout
                 opt.zero_grad(set_to_none=True)

@@ -64,16 +64,28 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
-    """No weight decay on biases, LayerNorms, embeddings and position/mask parameters."""
-    decay, no_decay = [], []
+def _starts_from_scratch(name: str) -> bool:
+    """Everything outside a BERT encoder (MiniLM-initialised with the minilm preset) starts from
+    scratch: ITEm's patch projection, image positions and mask patch, the objective heads, the dual
+    encoder's image tower and projections."""
+    return "bert" not in name.split(".")
+
+
+def _param_groups(modules: list[torch.nn.Module], weight_decay: float, new_lr_scale: float = 1.0) -> list[dict]:
+    """No weight decay on biases, LayerNorms, embeddings and position/mask parameters. With
+    ``new_lr_scale`` != 1 the parameters that start from scratch get their own groups, whose lr is
+    scaled (``lr_scale``), so a from-scratch image side can move faster than the pretrained encoder."""
+    groups: dict[tuple[bool, bool], list] = {}
     for module in modules:
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
             plain = p.ndim < 2 or "embeddings" in name or name in ("image_pos", "mask_patch")
-            (no_decay if plain else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            new = new_lr_scale != 1.0 and _starts_from_scratch(name)
+            groups.setdefault((new, plain), []).append(p)
+    return [{"params": ps, "weight_decay": 0.0 if plain else weight_decay,
+             "lr_scale": new_lr_scale if new else 1.0}
+            for (new, plain), ps in sorted(groups.items())]
 
 
 def data_fingerprint(data: ProductArrays) -> str:
@@ -198,7 +210,8 @@ def train(
     if cfg.compile:
         # Compile the encoder's forward only: the heads index masked positions (dynamic shapes).
         model.forward = torch.compile(model.forward, dynamic=True)
-    opt = torch.optim.AdamW(_param_groups([model, objectives], cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(_param_groups([model, objectives], cfg.weight_decay, cfg.new_lr_scale), lr=cfg.lr,
+                            betas=(0.9, 0.98))
     if ckpt is not None:
         optimizer_from_tensors(opt, tensors["optimizer"], meta["optimizer"])
     step_module: nn.Module = pretrainer
@@ -221,7 +234,7 @@ def train(
         for step in range(start, total):
             lr = lr_at(step, total, cfg)
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             g = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 3))
             batch = data.batch(batch_indices(len(data), cfg.batch_size, cfg.seed, step))
             mb = mask_batch(batch, cfg.objectives, model_cfg.num_patches, specials, tokenizer.mask_token_id,
