@@ -14,7 +14,7 @@ if [ $# -gt 0 ]; then
   suffix="-$(IFS=-; echo "$*")"
   baselines=()
   for name in "$@"; do
-    kind=item; [ "$name" = dual ] && kind=dual
+    kind=item; [[ "$name" == dual* ]] && kind=dual
     models+=(--featurizer "$kind:$out/$name")
   done
 else

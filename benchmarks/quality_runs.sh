@@ -18,12 +18,21 @@ declare -A weights=(
   [item-mlm-mim-itm]="itm=1,mlm=1,mim=1,global_mlm=0,global_mim=0"
   [item-all5-contrastive]="itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1"
   [item-all5-contrastive-sg]="itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1"
+  [item-mit-lr10]="itm=1,mlm=1,mim=1,global_mlm=0,global_mim=0"
+  [item-all5g25-lr10]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
 )
+# The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1).
 declare -A flags=(
-  [item-all5-contrastive]="--contrastive-both-ways"   # the full product's embedding moves too
-  [item-all5-contrastive-sg]=""                        # default: the full embedding is a fixed target
+  [item-all5]="--new-lr-scale 1"
+  [item-mlm-mim]="--new-lr-scale 1"
+  [item-mlm-mim-itm]="--new-lr-scale 1"
+  [item-all5-contrastive]="--new-lr-scale 1 --contrastive-both-ways"   # the full product's embedding moves too
+  [item-all5-contrastive-sg]="--new-lr-scale 1"                        # the full embedding is a fixed target
+  [item-mit-lr10]="--new-lr-scale 10"        # from-scratch parts (image side, heads) at 10x the lr
+  [item-all5g25-lr10]="--new-lr-scale 10"    # = the defaults of `item-embed train` (quality_recipe.sh)
 )
-for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg; do
+for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg \
+            item-mit-lr10 item-all5g25-lr10; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \
@@ -34,6 +43,6 @@ done
 if [ ! -f "$out/dual/model.safetensors" ]; then
   start=$(date +%s)
   "$bin/item-embed" train-dual "$out/cache96" --out "$out/dual" --steps "$steps" --batch-size 32 \
-      --patch-size 16 --save-every 200 --no-progress --resume
+      --patch-size 16 --new-lr-scale 1 --save-every 200 --no-progress --resume
   echo "dual: $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
 fi

@@ -56,7 +56,7 @@ def dual_run(square_data, tokenizer, tiny_cfg, tmp_path_factory):
     """The tiny dual encoder trained for 20 steps on the coloured squares."""
     _, data = square_data
     run = tmp_path_factory.mktemp("dual")
-    cfg = TrainConfig(steps=20, batch_size=8, lr=2e-3, precision="fp32", save_every=10)
+    cfg = TrainConfig(steps=20, batch_size=8, lr=2e-3, precision="fp32", save_every=10, new_lr_scale=1.0)
     result = train_dual(data, tokenizer, run, tiny_cfg, cfg, progress=False, log=lambda _m: None)
     return run, result
 
@@ -148,7 +148,7 @@ def test_wrong_or_corrupt_folders_are_refused(dual_run, tiny_run, tmp_path):
 
 def test_resume_matches_an_uninterrupted_run(square_data, tokenizer, tiny_cfg, tmp_path):
     _, data = square_data
-    cfg = TrainConfig(steps=4, batch_size=8, lr=2e-3, precision="fp32", save_every=2)
+    cfg = TrainConfig(steps=4, batch_size=8, lr=2e-3, precision="fp32", save_every=2, new_lr_scale=1.0)
     quiet = lambda _m: None  # noqa: E731
     train_dual(data, tokenizer, tmp_path / "a", tiny_cfg, cfg, progress=False, log=quiet)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -184,7 +184,7 @@ def test_budget_schedule():
 
 def test_train_by_wall_clock_seconds(square_data, tokenizer, tiny_cfg, tmp_path):
     _, data = square_data
-    cfg = TrainConfig(batch_size=8, lr=2e-3, precision="fp32", save_every=1000)  # no step cap
+    cfg = TrainConfig(batch_size=8, lr=2e-3, precision="fp32", save_every=1000, new_lr_scale=1.0)  # no step cap
     result = train_dual(data, tokenizer, tmp_path, tiny_cfg, cfg, max_seconds=1.0, progress=False, log=lambda _m: None)
     records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == len(records) >= 1

@@ -103,7 +103,7 @@ def test_zero_weight_turns_objective_off(tiny):
     mb = mask_batch(batch, obj.cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
     losses = obj(model, model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask), mb)
     assert "itm" not in losses and "global_mim" not in losses
-    expected = losses["mlm"] + losses["mim"] + losses["global_mlm"]
+    expected = losses["mlm"] + losses["mim"] + obj.cfg.global_mlm * losses["global_mlm"]
     assert torch.allclose(losses["loss"], expected)
 
 

@@ -138,7 +138,7 @@ def test_training_lowers_every_objective(tmp_path):
     catalog = _colour_catalog(tmp_path / "colours.parquet")
     run = tmp_path / "learn"
     assert main(["train", str(catalog), "--out", str(run), "--steps", "600", "--batch-size", "32", "--lr", "1e-3",
-                 "--save-every", "1000", "--preset", "tiny", "--no-progress", "--precision", "fp32"]) == 0
+                 "--new-lr-scale", "1", "--save-every", "1000", "--preset", "tiny", "--no-progress", "--precision", "fp32"]) == 0
     log = pd.DataFrame([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
     for name in ("itm", "mlm", "mim", "global_mlm", "global_mim"):
         first, last = log[name].iloc[:40].mean(), log[name].iloc[-40:].mean()
@@ -196,6 +196,15 @@ def test_new_lr_scale_groups_only_what_starts_from_scratch():
     names = {n for n, p in dual.named_parameters() if id(p) in scaled}
     assert names == {n for n, _ in dual.named_parameters() if not n.startswith("text.bert.")}
     assert "image.patch_embed.weight" in names and "logit_scale" in names
+
+
+def test_checkpoints_from_before_the_lr_scale_resume_as_they_ran():
+    from item_embed.config import TrainConfig
+
+    saved = TrainConfig(steps=3).to_dict()
+    del saved["new_lr_scale"]
+    assert TrainConfig.from_saved(saved).new_lr_scale == 1.0
+    assert TrainConfig.from_saved(TrainConfig(new_lr_scale=3.0).to_dict()).new_lr_scale == 3.0
 
 
 def test_new_lr_scale_zero_freezes_the_image_side(tiny_catalog, tmp_path):

@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pooling", choices=["cls", "mean"])
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
-    t.add_argument("--new-lr-scale", type=float, default=1.0,
+    t.add_argument("--new-lr-scale", type=float, default=TrainConfig.new_lr_scale,
                    help="lr multiplier for what starts from scratch: patch projection, image positions, "
                         "heads (the MiniLM encoder keeps --lr)")
     t.add_argument("--mlm-prob", type=float, default=0.15)

@@ -317,7 +317,8 @@ def train_dual(
     ckpt = latest_good_checkpoint(run_dir, warn=log) if resume else None
     if ckpt is not None:
         folder, tensors, meta = ckpt
-        saved = (ModelConfig.from_dict(meta["model"]), DualConfig(**meta["dual"]), TrainConfig(**meta["train"]),
+        saved = (ModelConfig.from_dict(meta["model"]), DualConfig(**meta["dual"]),
+                 TrainConfig.from_saved(meta["train"]),
                  Budget(**meta["budget"]))
         if saved != (model_cfg, dual_cfg, cfg, budget):
             log(f"resuming with the configuration saved in {folder.name} (other options ignored)")

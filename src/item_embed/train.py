@@ -186,7 +186,8 @@ def train(
     if ckpt is not None:
         folder, tensors, meta = ckpt
         # The run goes on exactly as it started: its saved model and training configs win.
-        saved_model, saved_train = ModelConfig.from_dict(meta["model"]), TrainConfig(**meta["train"])
+        saved_model = ModelConfig.from_dict(meta["model"])
+        saved_train = TrainConfig.from_saved(meta["train"])
         if saved_model != model_cfg or saved_train != cfg:
             log(f"resuming with the configuration saved in {folder.name} (other options ignored)")
         if saved_model != model_cfg or saved_train.objectives != cfg.objectives:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The recipe run of issue 7: `item-embed train` with its DEFAULT objectives and learning rates (the
+# winning recipe of the quality runs) for a longer budget, the CLIP-style dual encoder with the same
+# budget, both evaluated on both real catalogs beside the baselines (quality_eval.sh).
+#   bash benchmarks/quality_recipe.sh OUT_DIR [STEPS]     # then: python benchmarks/quality_table.py OUT_DIR
+# Budget: STEPS optimiser steps x batch 32 at 96 px / patch 16, 64 text tokens (+ H&M descriptions),
+# bf16 autocast, on the unlabeled images and titles of both catalogs (make_pretrain_catalog.py).
+set -euo pipefail
+out=${1:?usage: quality_recipe.sh OUT_DIR [STEPS]}
+steps=${2:-3000}
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin="$here/.venv/bin"
+mkdir -p "$out"
+[ -f "$out/pretrain.parquet" ] || "$bin/python" "$here/benchmarks/make_pretrain_catalog.py" "$out/pretrain.parquet"
+[ -d "$out/cache96" ] || "$bin/item-embed" prepare "$out/pretrain.parquet" --out "$out/cache96" \
+    --image-size 96 --max-text-len 64 --use-description
+if [ ! -f "$out/item-recipe/model.safetensors" ]; then
+  start=$(date +%s)
+  # No objective or lr flags on purpose: this run checks that the defaults are the recipe.
+  "$bin/item-embed" train "$out/cache96" --out "$out/item-recipe" --steps "$steps" --save-every 250 \
+      --no-progress --resume
+  echo "item-recipe ($steps steps): $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
+fi
+if [ ! -f "$out/dual-recipe/model.safetensors" ]; then
+  start=$(date +%s)
+  # Same data, steps, batch, sizes, precision and lr treatment (the from-scratch image tower gets
+  # ITEm's default multiplier; the MiniLM text tower the base lr).
+  scale=$("$bin/python" -c "from item_embed.config import TrainConfig; print(TrainConfig().new_lr_scale)")
+  "$bin/item-embed" train-dual "$out/cache96" --out "$out/dual-recipe" --steps "$steps" --new-lr-scale "$scale" \
+      --save-every 250 --no-progress --resume
+  echo "dual-recipe ($steps steps): $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
+fi
+bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe dual-recipe
