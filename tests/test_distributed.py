@@ -17,7 +17,8 @@ TOLERANCE = 0.02
 
 def _train_args(catalog, run) -> list[str]:
     return ["-m", "item_embed", "train", str(catalog), "--out", str(run), "--preset", "tiny", "--steps", str(STEPS),
-            "--batch-size", "16", "--lr", "1e-3", "--precision", "fp32", "--save-every", "6", "--no-progress"]
+            "--batch-size", "16", "--lr", "1e-3", "--new-lr-scale", "1", "--precision", "fp32", "--save-every", "6",
+            "--no-progress"]
 
 
 def _losses(run) -> list[dict]:
