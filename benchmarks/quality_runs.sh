@@ -20,6 +20,8 @@ declare -A weights=(
   [item-all5-contrastive-sg]="itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1"
   [item-mit-lr10]="itm=1,mlm=1,mim=1,global_mlm=0,global_mim=0"
   [item-all5g25-lr10]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
+  [item-itm4-lr10]="itm=4,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
+  [diag-itm-only]="itm=1,mlm=0,mim=0,global_mlm=0,global_mim=0"
 )
 # The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1).
 declare -A flags=(
@@ -30,9 +32,11 @@ declare -A flags=(
   [item-all5-contrastive-sg]="--new-lr-scale 1"                        # the full embedding is a fixed target
   [item-mit-lr10]="--new-lr-scale 10"        # from-scratch parts (image side, heads) at 10x the lr
   [item-all5g25-lr10]="--new-lr-scale 10"    # = the defaults of `item-embed train` (quality_recipe.sh)
+  [item-itm4-lr10]="--new-lr-scale 10"       # ITM weighted up: alone it leaves chance after ~400 steps
+  [diag-itm-only]="--new-lr-scale 10"        # diagnostic (not evaluated): does ITM learn on its own?
 )
 for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg \
-            item-mit-lr10 item-all5g25-lr10; do
+            item-mit-lr10 item-all5g25-lr10 item-itm4-lr10 diag-itm-only; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \

@@ -59,7 +59,7 @@ def run_rows(out: Path) -> list[list[object]]:
         for line in wt.read_text().splitlines():
             name, _, rest = line.partition(":")
             if rest.strip().endswith("s wall"):
-                walls[name.strip()] = rest.strip().split()[0]
+                walls[name.split(" (")[0].strip()] = rest.strip().split()[0]  # "run (N steps): S s wall"
     rows = []
     for run in sorted(p for p in out.iterdir() if (p / "model.safetensors").is_file()):
         cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}

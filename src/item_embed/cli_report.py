@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--warmup-ratio", type=float, default=0.05)
     t.add_argument("--new-lr-scale", type=float, default=1.0,
                    help="lr multiplier for what starts from scratch (image tower, projections, temperature); "
-                        "the MiniLM text tower keeps --lr. Give it ITEm's value for an equal recipe")
+                        "the MiniLM text tower keeps --lr. Default 1: at 10 (ITEm's default, where only the "
+                        "patch projection is new) the 6-layer image tower diverged in our runs")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
