@@ -141,9 +141,10 @@ def main() -> int:
         target_tables.append(f"{budget} steps:\n\n" + C.markdown_table(
             ["target", "needed", dual or "dual (not run)", *item_names], target_rows))
     body = "\n\n".join([
-        "Training runs (one budget for all: the same steps, batch, image/patch size, text length, "
-        "precision and preprocessing cache; wall seconds are on the shared 2-core machine and swing "
-        "with other jobs, so the step budget is the one that is equal):",
+        "Training runs (two budgets, 600 and 3,000 steps; otherwise the same batch, image/patch size, text "
+        "length, precision and preprocessing cache for all; wall seconds are on the shared 2-core machine and "
+        "swing with other jobs (some runs shared the cores with another run or an evaluation; a resumed run "
+        "shows its last segment only), so the step count is the budget that is equal):",
         C.markdown_table(["run", "objectives", "steps", "batch", "lr x (from scratch)", "wall s",
                           "final logged losses"], runs),
         "### hm-dev: same-product retrieval (gallery: full products; 3,828 queries)",
