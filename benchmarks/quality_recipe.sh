@@ -10,10 +10,7 @@ out=${1:?usage: quality_recipe.sh OUT_DIR [STEPS]}
 steps=${2:-3000}
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin="$here/.venv/bin"
-mkdir -p "$out"
-[ -f "$out/pretrain.parquet" ] || "$bin/python" "$here/benchmarks/make_pretrain_catalog.py" "$out/pretrain.parquet"
-[ -d "$out/cache96" ] || "$bin/item-embed" prepare "$out/pretrain.parquet" --out "$out/cache96" \
-    --image-size 96 --max-text-len 64 --use-description
+bash "$here/benchmarks/pretrain_cache.sh" "$out"
 if [ ! -f "$out/item-recipe/model.safetensors" ]; then
   start=$(date +%s)
   # No objective or lr flags on purpose: this run checks that the defaults are the recipe.

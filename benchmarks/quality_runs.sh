@@ -8,10 +8,7 @@ out=${1:?usage: quality_runs.sh OUT_DIR [STEPS]}
 steps=${2:-600}
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin="$here/.venv/bin"
-mkdir -p "$out"
-[ -f "$out/pretrain.parquet" ] || "$bin/python" "$here/benchmarks/make_pretrain_catalog.py" "$out/pretrain.parquet"
-[ -d "$out/cache96" ] || "$bin/item-embed" prepare "$out/pretrain.parquet" --out "$out/cache96" \
-    --image-size 96 --max-text-len 64 --use-description
+bash "$here/benchmarks/pretrain_cache.sh" "$out"
 declare -A weights=(
   [item-all5]="itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1"
   [item-mlm-mim]="itm=0,mlm=1,mim=1,global_mlm=0,global_mim=0"
