@@ -138,7 +138,8 @@ def test_training_lowers_every_objective(tmp_path):
     catalog = _colour_catalog(tmp_path / "colours.parquet")
     run = tmp_path / "learn"
     assert main(["train", str(catalog), "--out", str(run), "--steps", "600", "--batch-size", "32", "--lr", "1e-3",
-                 "--new-lr-scale", "1", "--save-every", "1000", "--preset", "tiny", "--no-progress", "--precision", "fp32"]) == 0
+                 "--new-lr-scale", "1", "--save-every", "1000", "--preset", "tiny", "--no-progress",
+                 "--precision", "fp32"]) == 0
     log = pd.DataFrame([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
     for name in ("itm", "mlm", "mim", "global_mlm", "global_mim"):
         first, last = log[name].iloc[:40].mean(), log[name].iloc[-40:].mean()
