@@ -56,7 +56,7 @@ def dual_run(square_data, tokenizer, tiny_cfg, tmp_path_factory):
     """The tiny dual encoder trained for 20 steps on the coloured squares."""
     _, data = square_data
     run = tmp_path_factory.mktemp("dual")
-    cfg = TrainConfig(steps=20, batch_size=8, lr=2e-3, precision="fp32", save_every=10, new_lr_scale=1.0)
+    cfg = TrainConfig(steps=20, batch_size=8, lr=2e-3, precision="fp32", save_every=10)  # lr scale: dual's default
     result = train_dual(data, tokenizer, run, tiny_cfg, cfg, progress=False, log=lambda _m: None)
     return run, result
 
@@ -79,6 +79,14 @@ def test_temperature_starts_at_007_and_is_capped(tiny_cfg):
     with torch.no_grad():
         model.logit_scale.fill_(10.0)  # exp(10) would be 22026
     assert float(model.scale().detach()) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_lr_scale_left_unset_is_the_dual_default(dual_run):
+    from item_embed.checkpoint import latest_good_checkpoint
+
+    run, _ = dual_run
+    _, _, meta = latest_good_checkpoint(run)
+    assert meta["train"]["new_lr_scale"] == 1.0  # not ITEm's 10, which made the image tower diverge
 
 
 def test_contrastive_loss_drops_on_coloured_squares(dual_run):

@@ -199,6 +199,13 @@ def test_new_lr_scale_groups_only_what_starts_from_scratch():
     assert "image.patch_embed.weight" in names and "logit_scale" in names
 
 
+def test_lr_scale_left_unset_is_the_item_default(tiny_run):
+    from item_embed.checkpoint import latest_good_checkpoint
+
+    _, _, meta = latest_good_checkpoint(tiny_run)
+    assert meta["train"]["new_lr_scale"] == 10.0
+
+
 def test_checkpoints_from_before_the_lr_scale_resume_as_they_ran():
     from item_embed.config import TrainConfig
 

@@ -315,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pooling", choices=["cls", "mean"])
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
-    t.add_argument("--new-lr-scale", type=float, default=TrainConfig.new_lr_scale,
+    t.add_argument("--new-lr-scale", type=float,
                    help="lr multiplier for what starts from scratch: patch projection, image positions, "
-                        "heads (the MiniLM encoder keeps --lr)")
+                        "heads (default 10; the MiniLM encoder keeps --lr)")
     t.add_argument("--mlm-prob", type=float, default=0.15)
     t.add_argument("--mim-ratio", type=float, default=0.5)
     t.add_argument("--itm-negatives", type=float, default=0.5, help="share of the batch with a swapped image")

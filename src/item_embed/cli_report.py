@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--embed-dim", type=int, default=256, help="size of the shared embedding space")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
-    t.add_argument("--new-lr-scale", type=float, default=1.0,
+    t.add_argument("--new-lr-scale", type=float,
                    help="lr multiplier for what starts from scratch (image tower, projections, temperature); "
                         "the MiniLM text tower keeps --lr. Default 1: at 10 (ITEm's default, where only the "
                         "patch projection is new) the 6-layer image tower diverged in our runs")

@@ -44,7 +44,7 @@ from .checkpoint import (
     CheckpointError, latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints,
     save_folder_atomic, save_model, sha256_file,
 )
-from .config import ModelConfig, TrainConfig
+from .config import DUAL_NEW_LR_SCALE, ModelConfig, TrainConfig
 from .data import ProductArrays, load_tokenizer, make_batch
 from .encode import ItemEncoder
 from .images import patchify
@@ -298,6 +298,7 @@ def train_dual(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dual_cfg = dual_cfg or DualConfig()
+    cfg = cfg.with_lr_scale_default(DUAL_NEW_LR_SCALE)
     if cfg.grad_accum != 1:
         raise ValueError("the dual encoder does not accumulate gradients: in-batch negatives need the whole batch")
     pairs = np.flatnonzero(data.has_image & data.has_text)  # rows usable as (image, title) pairs

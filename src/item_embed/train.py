@@ -27,7 +27,7 @@ from .checkpoint import (
     latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints,
     save_folder_atomic, save_model,
 )
-from .config import ModelConfig, TrainConfig
+from .config import ITEM_NEW_LR_SCALE, ModelConfig, TrainConfig
 from .data import ProductArrays
 from .model import ItemModel
 from .objectives import ItemObjectives, MaskedBatch, mask_batch, special_token_ids
@@ -178,6 +178,7 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
     if len(data) < 2:
         raise ValueError(f"need at least 2 usable products to train, got {len(data)}")
+    cfg = cfg.with_lr_scale_default(ITEM_NEW_LR_SCALE)
     total = total_steps(len(data), cfg)
     start = 0
     model = build_model(model_cfg, cfg.seed)
