@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from item_embed.config import model_config_for
+from item_embed.config import ModelConfig, model_config_for
 from item_embed.data import load_tokenizer, tokenize
 from item_embed.encode import ItemEncoder
 from item_embed.model import ItemModel, minilm_model_config, minilm_path
@@ -75,3 +75,56 @@ def test_cls_pooling_is_first_token(encoder):
         out = encoder.model(ids, torch.ones_like(ids, dtype=torch.bool))
         v = encoder.model.pool(out)
     assert torch.allclose(v, torch.nn.functional.normalize(out.hidden[:, 0], dim=-1))
+
+
+def test_conv_stem_shapes_and_config_checks():
+    model = ItemModel(model_config_for("tiny", image_stem="conv"))
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    assert model.project_patches(images, None).shape == (2, model.cfg.num_patches, model.cfg.hidden_size)
+    assert not hasattr(model, "patch_embed")
+    with pytest.raises(ValueError, match="power of two"):
+        model_config_for("tiny", image_size=36, patch_size=12, image_stem="conv")
+    with pytest.raises(ValueError, match="image_stem"):
+        model_config_for("tiny", image_stem="cnn")
+
+
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+def test_masked_patch_pixels_reach_no_output(stem):
+    """MIM must not be solvable by peeking: with a patch masked, its pixels change nothing the
+    model outputs (the conv stem sees across patch borders, so it must blank them first)."""
+    torch.manual_seed(0)
+    model = ItemModel(model_config_for("tiny", image_stem=stem)).eval()
+    ids, text_mask = torch.tensor([[101, 2000, 102]]), torch.ones(1, 3, dtype=torch.bool)
+    images = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
+    changed = images.clone()
+    changed[:, 8:16, 8:16] = 255 - changed[:, 8:16, 8:16]  # patch (1, 1) of the 4x4 grid of 8-px patches
+    masked = torch.zeros(1, 16, dtype=torch.bool)
+    masked[0, 5] = True
+    with torch.no_grad():
+        a = model(ids, text_mask, images, None, masked).hidden
+        b = model(ids, text_mask, changed, None, masked).hidden
+        c = model(ids, text_mask, changed, None, None).hidden
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)  # unmasked, the same change does show
+
+
+def test_conv_stem_model_saves_and_reloads(tmp_path):
+    from item_embed.checkpoint import save_model
+
+    torch.manual_seed(0)
+    model = ItemModel(model_config_for("tiny", image_stem="conv"))
+    save_model(tmp_path / "run", model, load_tokenizer())
+    again = ItemEncoder.from_pretrained(tmp_path / "run", device="cpu")
+    assert again.cfg.image_stem == "conv"
+    recs = [{"title": "blue mug", "image": _img(0)}, {"image": _img(1)}]
+    before = ItemEncoder(model, load_tokenizer(), device="cpu").encode(recs)
+    assert np.abs(again.encode(recs) - before).max() < 1e-6
+
+
+def test_linear_stem_keeps_the_config_hash_of_earlier_models():
+    """image_stem came later: a linear-stem model hashes as before, so existing indexes still match."""
+    cfg = model_config_for("tiny")
+    old = cfg.to_dict()
+    del old["image_stem"]
+    assert ModelConfig.from_dict(old).config_hash() == cfg.config_hash() == "acaa99986d0b2932"
+    assert model_config_for("tiny", image_stem="conv").config_hash() != cfg.config_hash()

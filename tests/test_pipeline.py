@@ -226,3 +226,17 @@ def test_new_lr_scale_zero_freezes_the_image_side(tiny_catalog, tmp_path):
     np.testing.assert_array_equal(runs[2]["patch_embed.weight"], runs[4]["patch_embed.weight"])
     bert = next(k for k in runs[2] if k.startswith("bert.encoder"))
     assert not np.array_equal(runs[2][bert], runs[4][bert])
+
+
+def test_train_with_the_conv_stem_end_to_end(tiny_catalog, tmp_path):
+    """--image-stem conv trains (its layers at the from-scratch lr), saves its choice and embeds."""
+    import json
+
+    run = tmp_path / "conv"
+    assert main(["train", str(tiny_catalog), "--out", str(run), "--steps", "2", "--save-every", "100",
+                 "--image-stem", "conv", *TRAIN]) == 0
+    assert json.loads((run / "config.json").read_text())["model"]["image_stem"] == "conv"
+    weights = load_file(str(run / "model.safetensors"))
+    assert any(k.startswith("conv_stem.") for k in weights) and "patch_embed.weight" not in weights
+    assert main(["embed", str(tiny_catalog), "--model", str(run), "--out", str(tmp_path / "e.parquet"),
+                 "--no-progress"]) == 0

@@ -42,7 +42,8 @@ def _model_config(a: argparse.Namespace, cache_meta: dict | None = None):
     from .model import minilm_model_config
 
     shape = dict(image_size=a.image_size, patch_size=getattr(a, "patch_size", None), max_text_len=a.max_text_len,
-                 use_description=a.use_description or None, pooling=getattr(a, "pooling", None))
+                 use_description=a.use_description or None, pooling=getattr(a, "pooling", None),
+                 image_stem=getattr(a, "image_stem", None))
     if cache_meta:
         for key in ("image_size", "max_text_len", "use_description"):
             if shape[key] is not None and shape[key] != cache_meta[key]:
@@ -313,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-text-len", type=int)
     t.add_argument("--use-description", action="store_true", help="append the description to the title")
     t.add_argument("--pooling", choices=["cls", "mean"])
+    t.add_argument("--image-stem", choices=["linear", "conv"],
+                   help="patch pixels -> embeddings: ITEm's linear projection (default) or early convolutions")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
     t.add_argument("--new-lr-scale", type=float,

@@ -35,6 +35,10 @@ class ModelConfig:
     # Embedding pooling: "cls" is ITEm's product embedding; "mean" exists for the
     # sentence-transformers parity check and for measuring alternatives.
     pooling: str = "cls"
+    # How pixels become patch embeddings: "linear" is ITEm's (METHOD.md: raw patch pixels, one
+    # linear projection); "conv" is an early-convolution stem (Xiao et al., 2021) of stride-2 3x3
+    # convolutions down to one vector per patch, an option measured for sample efficiency.
+    image_stem: str = "linear"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -47,6 +51,11 @@ class ModelConfig:
             raise ValueError("max_text_len exceeds the text position embeddings")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"unknown pooling {self.pooling!r} (cls or mean)")
+        if self.image_stem not in ("linear", "conv"):
+            raise ValueError(f"unknown image_stem {self.image_stem!r} (linear or conv)")
+        if self.image_stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"the conv stem halves the image per layer: patch_size {self.patch_size} "
+                             "must be a power of two")
 
     @property
     def num_patches(self) -> int:
@@ -69,7 +78,10 @@ class ModelConfig:
 
     def config_hash(self) -> str:
         """Stable short hash of the config: identifies which model produced an embedding."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        d = self.to_dict()
+        if d["image_stem"] == "linear":
+            del d["image_stem"]  # added later: models without it keep the hash their indexes hold
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

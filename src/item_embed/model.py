@@ -1,7 +1,8 @@
 """ITEm: one BERT encoder over ``[CLS] title [SEP] patch_1 ... patch_N``.
 
 Text embeds exactly as in BERT (word + position + token type 0, then LayerNorm). Each image
-patch's raw pixels are linearly projected and get a learned per-patch position and token type 1,
+patch's raw pixels are linearly projected (or, as a measured option, pass an early-convolution
+stem) and get a learned per-patch position and token type 1,
 through the same LayerNorm. The encoder is transformers' ``BertEncoder`` with SDPA attention.
 """
 
@@ -62,6 +63,25 @@ class EncoderOutput:
     attention_mask: torch.Tensor  # (B, T + N) 1 for real tokens
 
 
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al., 2021): stride-2 3x3 convolutions, each halving the image,
+    until one cell per patch, then a 1x1 projection to the hidden size. (B, 3, S, S) -> (B, N, H)."""
+
+    def __init__(self, patch_size: int, hidden: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, c_out = 3, max(hidden // 8, 8)
+        for _ in range(patch_size.bit_length() - 1):
+            # GroupNorm, not BatchNorm: the embedding of a product must not depend on its batch.
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, c_out), nn.GELU()]
+            c_in, c_out = c_out, min(2 * c_out, hidden)
+        layers.append(nn.Conv2d(c_in, hidden, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(2).transpose(1, 2)
+
+
 class ItemModel(nn.Module):
     """The single-stream image-text transformer. Returns hidden states; heads live in objectives."""
 
@@ -70,7 +90,10 @@ class ItemModel(nn.Module):
         self.cfg = cfg
         self.bert = BertModel(bert_config(cfg), add_pooling_layer=False)
         h = cfg.hidden_size
-        self.patch_embed = nn.Linear(cfg.patch_dim, h)
+        if cfg.image_stem == "conv":
+            self.conv_stem = ConvStem(cfg.patch_size, h)
+        else:
+            self.patch_embed = nn.Linear(cfg.patch_dim, h)
         self.image_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, h))
         self.mask_patch = nn.Parameter(torch.zeros(1, 1, h))
         nn.init.trunc_normal_(self.image_pos, std=0.02)
@@ -107,10 +130,23 @@ class ItemModel(nn.Module):
         types = torch.full_like(input_ids, TEXT_TYPE)
         return self.bert.embeddings(input_ids=input_ids, token_type_ids=types)
 
-    def embed_patches(self, patches: torch.Tensor, mim_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, N, p*p*3) patches -> (B, N, H); masked patches become the learned [MASK] patch."""
+    def project_patches(self, images: torch.Tensor, mim_mask: torch.Tensor | None) -> torch.Tensor:
+        """uint8 (B, S, S, 3) -> (B, N, H), one vector per patch, before positions."""
+        if self.cfg.image_stem == "linear":
+            return self.patch_embed(self.normalize_pixels(images))
+        x = images.float().div_(127.5).sub_(1.0).permute(0, 3, 1, 2)  # (B, 3, S, S)
+        if mim_mask is not None:
+            # A convolution sees across patch borders: blank the masked patches' pixels first, or
+            # their visible neighbours would carry the pixels MIM asks the model to rebuild.
+            g, p = self.cfg.image_size // self.cfg.patch_size, self.cfg.patch_size
+            keep = (~mim_mask).reshape(-1, 1, g, g).to(x.dtype)
+            x = x * keep.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+        return self.conv_stem(x)
+
+    def embed_patches(self, images: torch.Tensor, mim_mask: torch.Tensor | None) -> torch.Tensor:
+        """uint8 (B, S, S, 3) -> (B, N, H); masked patches become the learned [MASK] patch."""
         emb = self.bert.embeddings
-        x = self.patch_embed(patches)
+        x = self.project_patches(images, mim_mask)
         if mim_mask is not None:
             x = torch.where(mim_mask.unsqueeze(-1), self.mask_patch.to(x.dtype), x)
         x = x + self.image_pos + emb.token_type_embeddings.weight[IMAGE_TYPE]
@@ -133,8 +169,7 @@ class ItemModel(nn.Module):
         x = self.embed_text(input_ids)
         mask = text_mask.to(torch.long)
         if images is not None:
-            patches = self.normalize_pixels(images)
-            xi = self.embed_patches(patches, mim_mask)
+            xi = self.embed_patches(images, mim_mask)
             b, n = xi.shape[:2]
             img_mask = torch.ones(b, n, dtype=torch.long, device=xi.device)
             if has_image is not None:
