@@ -222,3 +222,58 @@ def test_contrastive_full_product_is_a_fixed_target_by_default(tiny, stop_grad):
     moved = out.hidden.grad is not None and bool(out.hidden.grad.abs().sum() > 0)
     assert moved is not stop_grad
     assert ObjectiveConfig().contrastive_stop_grad
+
+
+def test_title_dropout_turns_rows_into_image_only_products():
+    batch = make_batch(b=64, t=12, text_only_rows=(3,), image_only_rows=(4,))
+    cfg = ObjectiveConfig(title_dropout=0.5)
+    mb = mask_batch(batch, cfg, 16, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(2))
+    dropped = torch.nonzero(mb.title_dropped).squeeze(1).tolist()
+    assert 16 < len(dropped) < 48 and 3 not in dropped and 4 not in dropped  # only rows with both
+    for r in dropped:
+        n = int(batch.text_mask[r].sum())
+        assert mb.input_ids[r, :2].tolist() == [CLS, SEP] and (mb.input_ids[r, 2:] == MASK).all()
+        assert mb.text_mask[r].tolist() == [True, True] + [False] * 10
+        assert torch.equal(mb.mlm_labels[r, 1:n - 1], batch.input_ids[r, 1:n - 1])  # every title word
+        assert (mb.mlm_labels[r, n - 1:] == IGNORE).all() and mb.mlm_labels[r, 0] == IGNORE
+        assert mb.itm_labels[r] == IGNORE and mb.matched[r] and not mb.mim_mask[r].any()
+        assert torch.equal(mb.images[r], batch.images[r])
+    kept = ~mb.title_dropped
+    assert torch.equal(mb.text_mask[kept], batch.text_mask[kept])
+    assert ((mb.itm_labels[kept & batch.has_text & batch.has_image]) != IGNORE).all()
+
+
+def test_title_dropout_off_draws_nothing():
+    """Runs without it keep their exact random stream (and so their resumes and results)."""
+    batch = make_batch()
+    a = mask_batch(batch, ObjectiveConfig(), 16, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    b = mask_batch(batch, ObjectiveConfig(title_dropout=0.0), 16, SPECIALS, MASK, VOCAB, g)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.mim_mask, b.mim_mask)
+    assert not a.title_dropped.any()
+    with pytest.raises(ValueError, match="global_mlm"):
+        ObjectiveConfig(title_dropout=0.25, global_mlm=0)
+
+
+def test_a_dropped_title_is_learned_from_the_image_as_a_query_sees_it(tiny):
+    """The dropped row's [CLS] is exactly an image-only product's, and global MLM spells its title
+    from it: the loss reaches the image side, the local MLM head never reads those positions."""
+    model, _ = tiny
+    obj = ItemObjectives(model, ObjectiveConfig(title_dropout=0.5))
+    batch = make_batch(b=8, t=12)
+    mb = mask_batch(batch, obj.cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(1))
+    r = int(torch.nonzero(mb.title_dropped)[0])
+    out = model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask)
+    with torch.no_grad():
+        alone = model(torch.tensor([[CLS, SEP]]), torch.ones(1, 2, dtype=torch.bool), batch.images[r:r + 1])
+    assert torch.allclose(out.hidden[r, 0], alone.hidden[0, 0], atol=1e-5)
+    losses = obj(model, out, mb)
+    assert "title_from_image" in losses
+    selected = (mb.mlm_labels != IGNORE) & mb.matched.unsqueeze(1) & ~mb.title_dropped.unsqueeze(1)
+    rows, pos = torch.nonzero(selected, as_tuple=True)
+    local = obj.heads["mlm"](out.hidden[rows, pos], model.word_embeddings.weight)
+    assert torch.allclose(losses["mlm"], torch.nn.functional.cross_entropy(local, mb.mlm_labels[rows, pos]))
+    model.zero_grad()
+    only = obj.global_word_logits(model, out, torch.full((3,), r), torch.tensor([1, 2, 3]))
+    torch.nn.functional.cross_entropy(only, mb.mlm_labels[r, 1:4]).backward()
+    assert model.patch_embed.weight.grad.abs().sum() > 0

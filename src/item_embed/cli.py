@@ -86,7 +86,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
     objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio,
-                                 itm_negative_ratio=a.itm_negatives, contrastive_views=a.contrastive_views,
+                                 itm_negative_ratio=a.itm_negatives, title_dropout=a.title_dropout,
+                                 contrastive_views=a.contrastive_views,
                                  contrastive_stop_grad=not a.contrastive_both_ways)
     tcfg = TrainConfig(steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                        precision=a.precision, save_every=a.save_every, objectives=objectives,
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--itm-negatives", type=float, default=0.5, help="share of the batch with a swapped image")
     t.add_argument("--loss-weights", help="e.g. itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1 "
                                           "(0 turns one off)")
+    t.add_argument("--title-dropout", type=float, default=ObjectiveConfig.title_dropout,
+                   help="share of products shown as image only; global MLM rebuilds their titles from [CLS]")
     t.add_argument("--contrastive-views", default="image",
                    help="reduced views the contrastive term pulls towards the full product: image, title or "
                         "image,title (each costs one extra forward pass)")

@@ -120,6 +120,10 @@ class ObjectiveConfig:
     mlm_prob: float = 0.15
     mim_ratio: float = 0.5
     itm_negative_ratio: float = 0.5
+    # Modality dropout (METHOD.md's first remedy), title side: this share of products enters as an
+    # image-only product ([CLS] [SEP] + patches, as an image-only query does) and global MLM must
+    # rebuild every title word from that [CLS] alone. No ITM, local MLM or patch masking on them.
+    title_dropout: float = 0.0
     # Optional sixth term (METHOD.md, "modality" remedies): in-batch InfoNCE between the [CLS]
     # embedding of a reduced view of each product (image only, title only) and of the full product.
     contrastive: float = 0.0
@@ -147,7 +151,9 @@ class ObjectiveConfig:
         bad = [v for v in self.views if v not in self.VIEWS]
         if bad or not self.views:
             raise ValueError(f"contrastive_views={self.contrastive_views!r}: use image, title or image,title")
-        for name in ("mlm_prob", "mim_ratio", "itm_negative_ratio"):
+        if self.title_dropout > 0 and self.global_mlm == 0:
+            raise ValueError("title_dropout needs global_mlm > 0: it is the term that learns from those rows")
+        for name in ("mlm_prob", "mim_ratio", "itm_negative_ratio", "title_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name}={v} must be in [0, 1)")

@@ -36,9 +36,11 @@ class MaskedBatch:
     itm_labels: torch.Tensor  # (B,) 1 matched, 0 swapped, IGNORE when the row lacks a modality
     matched: torch.Tensor  # (B,) bool: rows whose image is their own (masked losses use these)
     has_text: torch.Tensor  # (B,) bool
+    title_dropped: torch.Tensor  # (B,) bool: shown as image only; every title word is a global MLM label
 
     def original_ids(self) -> torch.Tensor:
-        """Token ids before MLM masking (the labels hold the originals of every chosen position)."""
+        """Token ids before MLM masking (the labels hold the originals of every chosen position).
+        Not for title-dropped rows, whose input was rebuilt as ``[CLS] [SEP]``."""
         return torch.where(self.mlm_labels != IGNORE, self.mlm_labels, self.input_ids)
 
     def __len__(self) -> int:
@@ -76,9 +78,13 @@ def mask_batch(
     itm_labels = torch.full((b,), IGNORE, dtype=torch.long)
     matched = torch.ones(b, dtype=torch.bool)
     both = batch.has_text & batch.has_image
-    if w["itm"] > 0 and images is not None and int(both.sum()) >= 2:
-        itm_labels[both] = 1
-        eligible = torch.nonzero(both).squeeze(1)
+    dropped = torch.zeros(b, dtype=torch.bool)
+    if cfg.title_dropout > 0 and images is not None:
+        # Drawn only when on, so runs without it keep their exact random stream.
+        dropped = both & (torch.rand(b, generator=g) < cfg.title_dropout)
+    if w["itm"] > 0 and images is not None and int((both & ~dropped).sum()) >= 2:
+        itm_labels[both & ~dropped] = 1
+        eligible = torch.nonzero(both & ~dropped).squeeze(1)
         n_neg = int(round(cfg.itm_negative_ratio * len(eligible)))
         negatives = eligible[torch.randperm(len(eligible), generator=g)[:n_neg]].sort().values
         if n_neg:
@@ -102,16 +108,30 @@ def mask_batch(
         random_ids = torch.randint(vocab_size, input_ids.shape, generator=g)
         input_ids[to_random] = random_ids[to_random]
 
+    text_mask = batch.text_mask
+    if bool(dropped.any()):
+        # The row becomes what an image-only query is, [CLS] [SEP] + patches; its title words (at their
+        # own positions) are all labels. The hidden positions hold [MASK] so nothing can leak.
+        text_mask = text_mask.clone()
+        lengths = batch.text_mask.sum(1)
+        for r in torch.nonzero(dropped).squeeze(1).tolist():
+            n = int(lengths[r])
+            mlm_labels[r] = IGNORE
+            mlm_labels[r, 1:n - 1] = batch.input_ids[r, 1:n - 1]
+            input_ids[r, 1] = batch.input_ids[r, n - 1]
+            input_ids[r, 2:] = mask_id
+            text_mask[r, 2:] = False
+
     mim_mask = None
     if images is not None and (w["mim"] > 0 or w["global_mim"] > 0) and cfg.mim_ratio > 0:
         # Exactly round(ratio * N) patches per image row, as in MAE's random_masking.
         k = max(1, int(round(cfg.mim_ratio * num_patches)))
         noise = torch.rand(b, num_patches, generator=g)
         ranks = noise.argsort(dim=1).argsort(dim=1)
-        mim_mask = (ranks < k) & batch.has_image.unsqueeze(1)
+        mim_mask = (ranks < k) & (batch.has_image & ~dropped).unsqueeze(1)
 
-    return MaskedBatch(input_ids, batch.text_mask, images, batch.has_image, mlm_labels, mim_mask,
-                       itm_labels, matched, batch.has_text)
+    return MaskedBatch(input_ids, text_mask, images, batch.has_image, mlm_labels, mim_mask,
+                       itm_labels, matched, batch.has_text, dropped)
 
 
 def patch_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -244,12 +264,16 @@ class ItemObjectives(nn.Module):
         if bool(text_sel.any()):
             rows, positions = torch.nonzero(text_sel, as_tuple=True)
             labels = mb.mlm_labels[rows, positions]
-            if "mlm" in self.heads:
-                logits = self.heads["mlm"](out.hidden[rows, positions], model.word_embeddings.weight)
-                losses["mlm"] = F.cross_entropy(logits.float(), labels)
+            own = ~mb.title_dropped[rows]  # a dropped title's positions have no output of their own
+            if "mlm" in self.heads and bool(own.any()):
+                logits = self.heads["mlm"](out.hidden[rows[own], positions[own]], model.word_embeddings.weight)
+                losses["mlm"] = F.cross_entropy(logits.float(), labels[own])
             if "global_mlm" in self.heads:
                 logits = self.global_word_logits(model, out, rows, positions)
-                losses["global_mlm"] = F.cross_entropy(logits.float(), labels)
+                per_word = F.cross_entropy(logits.float(), labels, reduction="none")
+                losses["global_mlm"] = per_word.mean()
+                if not bool(own.all()):  # logged: how well the image alone spells its title
+                    losses["title_from_image"] = per_word[~own].mean().detach()
 
         if mb.mim_mask is not None:
             patch_sel = mb.mim_mask & mb.matched.unsqueeze(1)
@@ -265,7 +289,7 @@ class ItemObjectives(nn.Module):
 
         if "contrastive" in self.heads and mb.images is not None:
             # Full products: the shared pass's matched rows (masked, like any augmented view).
-            rows = mb.matched & mb.has_image & mb.has_text
+            rows = mb.matched & mb.has_image & mb.has_text & ~mb.title_dropped
             if int(rows.sum()) >= 2:
                 full = model.pool(out)[rows]
                 if self.cfg.contrastive_stop_grad:
