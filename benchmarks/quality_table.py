@@ -71,16 +71,20 @@ def run_rows(out: Path) -> list[list[object]]:
             # Runs from before the option existed moved the full embedding too.
             how = "full embedding fixed" if obj.get("contrastive_stop_grad", False) else "both ways"
             weights += f" (views {obj.get('contrastive_views')}, {how})"
+        if obj.get("title_dropout"):
+            weights += f", title dropout {obj['title_dropout']:g}"
+        stem = cfg.get("model", {}).get("image_stem", "linear")  # dual runs: their own ViT stem (linear)
         last = {}
         metrics = run / "metrics.jsonl"
         if metrics.is_file():
             lines = metrics.read_text().splitlines()
             if lines:
                 last = json.loads(lines[-1])
-        losses = ", ".join(f"{k} {last[k]:.3f}" for k in ("itm", "itm_acc", "mlm", "mim", "contrastive", "loss")
+        losses = ", ".join(f"{k} {last[k]:.3f}" for k in ("itm", "itm_acc", "mlm", "mim", "contrastive",
+                                                          "title_from_image", "loss")
                            if k in last)
         rows.append([run.name, weights or "CLIP-style InfoNCE", last.get("step", "?") if last else "?",
-                     train.get("batch_size", cfg.get("batch_size", "?")),
+                     train.get("batch_size", cfg.get("batch_size", "?")), stem,
                      f"{train.get('new_lr_scale', 1.0):g}",  # runs from before the option: scale 1
                      walls.get(run.name, "?"), losses])
     return rows
@@ -145,7 +149,7 @@ def main() -> int:
         "length, precision and preprocessing cache for all; wall seconds are on the shared 2-core machine and "
         "swing with other jobs (some runs shared the cores with another run or an evaluation; a resumed run "
         "shows its last segment only), so the step count is the budget that is equal):",
-        C.markdown_table(["run", "objectives", "steps", "batch", "lr x (from scratch)", "wall s",
+        C.markdown_table(["run", "objectives", "steps", "batch", "image stem", "lr x (from scratch)", "wall s",
                           "final logged losses"], runs),
         "### hm-dev: same-product retrieval (gallery: full products; 3,828 queries)",
         C.markdown_table(["features", "joint R@1", "joint R@10", "joint MAP@R", "image R@1", "image R@10",

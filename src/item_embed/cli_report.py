@@ -65,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--patch-size", type=int)
     t.add_argument("--max-text-len", type=int)
     t.add_argument("--use-description", action="store_true", help="append the description to the title")
+    t.add_argument("--image-stem", choices=["linear", "conv"], help="as `item-embed train --image-stem`")
     t.add_argument("--embed-dim", type=int, default=256, help="size of the shared embedding space")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
