@@ -19,6 +19,9 @@ declare -A weights=(
   [item-all5g25-lr10]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
   [item-itm4-lr10]="itm=4,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
   [diag-itm-only]="itm=1,mlm=0,mim=0,global_mlm=0,global_mim=0"
+  [item-conv-lr10]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
+  [item-conv-ctr-lr10]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=1"
+  [item-conv-td25]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
 )
 # The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1).
 declare -A flags=(
@@ -31,9 +34,13 @@ declare -A flags=(
   [item-all5g25-lr10]="--new-lr-scale 10"    # = the defaults of `item-embed train` (quality_recipe.sh)
   [item-itm4-lr10]="--new-lr-scale 10"       # ITM weighted up: alone it leaves chance after ~400 steps
   [diag-itm-only]="--new-lr-scale 10"        # diagnostic (not evaluated): does ITM learn on its own?
+  [item-conv-lr10]="--new-lr-scale 10 --image-stem conv"                     # early-convolution stem
+  [item-conv-ctr-lr10]="--new-lr-scale 10 --image-stem conv"                 # + image-view contrastive
+  [item-conv-td25]="--new-lr-scale 10 --image-stem conv --title-dropout 0.25" # + title dropout
 )
 for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg \
-            item-mit-lr10 item-all5g25-lr10 item-itm4-lr10 diag-itm-only; do
+            item-mit-lr10 item-all5g25-lr10 item-itm4-lr10 diag-itm-only \
+            item-conv-lr10 item-conv-ctr-lr10 item-conv-td25; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \

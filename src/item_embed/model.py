@@ -8,6 +8,7 @@ through the same LayerNorm. The encoder is transformers' ``BertEncoder`` with SD
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,8 @@ class ConvStem(nn.Module):
         c_in, c_out = 3, max(hidden // 8, 8)
         for _ in range(patch_size.bit_length() - 1):
             # GroupNorm, not BatchNorm: the embedding of a product must not depend on its batch.
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, c_out), nn.GELU()]
+            norm = nn.GroupNorm(math.gcd(8, c_out), c_out)
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), norm, nn.GELU()]
             c_in, c_out = c_out, min(2 * c_out, hidden)
         layers.append(nn.Conv2d(c_in, hidden, 1))
         self.net = nn.Sequential(*layers)
