@@ -23,18 +23,19 @@ declare -A weights=(
   [item-conv-ctr-lr10]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=1"
   [item-conv-td25]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
 )
-# The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1).
+# The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1). Every run
+# before the conv stem existed pins the paper's linear patch projection (the stem is now the default).
 declare -A flags=(
-  [item-all5]="--new-lr-scale 1"
-  [item-mlm-mim]="--new-lr-scale 1"
-  [item-mlm-mim-itm]="--new-lr-scale 1"
-  [item-all5-contrastive]="--new-lr-scale 1 --contrastive-both-ways"   # the full product's embedding moves too
-  [item-all5-contrastive-sg]="--new-lr-scale 1"                        # the full embedding is a fixed target
-  [item-mit-lr10]="--new-lr-scale 10"        # from-scratch parts (image side, heads) at 10x the lr
-  [item-all5g25-lr10]="--new-lr-scale 10"    # = the defaults of `item-embed train` (quality_recipe.sh)
-  [item-itm4-lr10]="--new-lr-scale 10"       # ITM weighted up: alone it leaves chance after ~400 steps
-  [diag-itm-only]="--new-lr-scale 10"        # diagnostic (not evaluated): does ITM learn on its own?
-  [item-conv-lr10]="--new-lr-scale 10 --image-stem conv"                     # early-convolution stem
+  [item-all5]="--new-lr-scale 1 --image-stem linear"
+  [item-mlm-mim]="--new-lr-scale 1 --image-stem linear"
+  [item-mlm-mim-itm]="--new-lr-scale 1 --image-stem linear"
+  [item-all5-contrastive]="--new-lr-scale 1 --image-stem linear --contrastive-both-ways"  # the full embedding moves too
+  [item-all5-contrastive-sg]="--new-lr-scale 1 --image-stem linear"                       # the full embedding is fixed
+  [item-mit-lr10]="--new-lr-scale 10 --image-stem linear"      # from-scratch parts (image side, heads) at 10x lr
+  [item-all5g25-lr10]="--new-lr-scale 10 --image-stem linear"  # the recipe before the conv stem
+  [item-itm4-lr10]="--new-lr-scale 10 --image-stem linear"     # ITM weighted up: alone it leaves chance after ~400 steps
+  [diag-itm-only]="--new-lr-scale 10 --image-stem linear"      # diagnostic (not evaluated): does ITM learn on its own?
+  [item-conv-lr10]="--new-lr-scale 10 --image-stem conv"                     # = the defaults of `item-embed train`
   [item-conv-ctr-lr10]="--new-lr-scale 10 --image-stem conv"                 # + image-view contrastive
   [item-conv-td25]="--new-lr-scale 10 --image-stem conv --title-dropout 0.25" # + title dropout
 )

@@ -243,3 +243,11 @@ def test_conv_stem_dual_trains_and_reloads(tiny_catalog, square_data, tmp_path):
     products, _ = square_data
     emb = DualEncoder.from_pretrained(tmp_path / "c", device="cpu").embed(products[:4], "image")
     assert emb.shape[0] == 4 and np.isfinite(emb).all()
+
+
+def test_linear_stem_dual_keeps_its_model_id(tiny_cfg, tokenizer):
+    """image_stem came later: a linear dual hashes as before it existed, so its indexes still match."""
+    model = DualModel(tiny_cfg)
+    assert DualEncoder(model, tokenizer, {}, "cpu").model_id == "dual-f5c84819ba65e0c0-"
+    conv = DualModel(model_config_for("tiny", image_stem="conv"))
+    assert DualEncoder(conv, tokenizer, {}, "cpu").model_id != "dual-f5c84819ba65e0c0-"

@@ -55,7 +55,7 @@ class ModelConfig:
             raise ValueError(f"unknown image_stem {self.image_stem!r} (linear or conv)")
         if self.image_stem == "conv" and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"the conv stem halves the image per layer: patch_size {self.patch_size} "
-                             "must be a power of two")
+                             "must be a power of two (or use --image-stem linear)")
 
     @property
     def num_patches(self) -> int:
@@ -76,12 +76,17 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**d)
 
-    def config_hash(self) -> str:
-        """Stable short hash of the config: identifies which model produced an embedding."""
+    def identity_dict(self) -> dict[str, Any]:
+        """The config as model identities hash it: ``image_stem`` came later, so a linear-stem model
+        leaves it out and keeps the id its indexes, embedding files and classifiers hold."""
         d = self.to_dict()
         if d["image_stem"] == "linear":
-            del d["image_stem"]  # added later: models without it keep the hash their indexes hold
-        blob = json.dumps(d, sort_keys=True).encode()
+            del d["image_stem"]
+        return d
+
+    def config_hash(self) -> str:
+        """Stable short hash of the config: identifies which model produced an embedding."""
+        blob = json.dumps(self.identity_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -123,6 +128,7 @@ class ObjectiveConfig:
     # Modality dropout (METHOD.md's first remedy), title side: this share of products enters as an
     # image-only product ([CLS] [SEP] + patches, as an image-only query does) and global MLM must
     # rebuild every title word from that [CLS] alone. No ITM, local MLM or patch masking on them.
+    # Their words join global MLM's one mean, so with long texts they carry most of that term.
     title_dropout: float = 0.0
     # Optional sixth term (METHOD.md, "modality" remedies): in-batch InfoNCE between the [CLS]
     # embedding of a reduced view of each product (image only, title only) and of the full product.
@@ -177,8 +183,9 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
 # The image stem of `item-embed train`'s recipe. A config without the key (models saved before the
 # option) means "linear", so the dataclass default stays linear; the recipe is chosen here. Measured
 # (benchmarks/RESULTS.md, "Quality"): at 3,000 steps the conv stem keeps hm-dev joint R@1 at 0.998
-# (linear: 0.968; MiniLM text 0.996) with fashion-small's probe unchanged (0.968 vs 0.967), at the
-# cost of hm-dev's product_type probe (0.834 vs 0.849).
+# (linear: 0.968; MiniLM text 0.995) with fashion-small's probe unchanged (0.968 vs 0.967), at the
+# cost of hm-dev's product_type probe (0.834 vs 0.849). Python callers building a ModelConfig get
+# linear unless they ask for it.
 RECIPE_IMAGE_STEM = "conv"
 
 # ITEm: the image side (patch projection, positions, [MASK] patch) and the heads at 10x the encoder's lr

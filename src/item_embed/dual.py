@@ -446,7 +446,7 @@ class DualEncoder(ItemEncoder):
 
     @property
     def model_id(self) -> str:
-        blob = json.dumps({"model": self.cfg.to_dict(), "dual": self.model.dual.to_dict()}, sort_keys=True)
+        blob = json.dumps({"model": self.cfg.identity_dict(), "dual": self.model.dual.to_dict()}, sort_keys=True)
         weights = str(self.config.get("weights_sha256", ""))[:16]
         return f"dual-{hashlib.sha256(blob.encode()).hexdigest()[:16]}-{weights}"
 
