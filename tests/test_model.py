@@ -88,7 +88,7 @@ def test_conv_stem_shapes_and_config_checks():
         model_config_for("tiny", image_stem="cnn")
 
 
-@pytest.mark.parametrize("stem", ["linear", "conv"])
+@pytest.mark.parametrize("stem", ["linear", "conv", "conv_channelnorm"])
 def test_masked_patch_pixels_reach_no_output(stem):
     """MIM must not be solvable by peeking: with a patch masked, its pixels change nothing the
     model outputs (the conv stem sees across patch borders, so it must blank them first)."""
@@ -128,3 +128,18 @@ def test_linear_stem_keeps_the_config_hash_of_earlier_models():
     del old["image_stem"]
     assert ModelConfig.from_dict(old).config_hash() == cfg.config_hash() == "acaa99986d0b2932"
     assert model_config_for("tiny", image_stem="conv").config_hash() != cfg.config_hash()
+
+
+def test_channel_norm_stem_keeps_far_patches_apart():
+    """With per-pixel channel normalisation a patch's vector depends only on pixels in its receptive
+    field; GroupNorm's image-wide statistics carry a far patch's change into every patch."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
+    changed = images.clone()
+    changed[:, 24:, 24:] = 255 - changed[:, 24:, 24:]  # the last of the 4x4 grid of 8-px patches
+    for stem, first_patch_moves in (("conv_channelnorm", False), ("conv", True)):
+        model = ItemModel(model_config_for("tiny", image_stem=stem)).eval()
+        with torch.no_grad():
+            a, b = model.project_patches(images, None), model.project_patches(changed, None)
+        assert torch.equal(a[0, 0], b[0, 0]) != first_patch_moves, stem
+        assert not torch.allclose(a[0, 15], b[0, 15])

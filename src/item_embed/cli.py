@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .catalog import Catalog, CatalogError, CatalogReport, Columns
 from .checkpoint import CheckpointError
-from .config import RECIPE_IMAGE_STEM, ObjectiveConfig, TrainConfig, model_config_for, parse_loss_weights
+from .config import IMAGE_STEMS, RECIPE_IMAGE_STEM, ObjectiveConfig, TrainConfig, model_config_for, parse_loss_weights
 
 
 def _add_catalog_args(p: argparse.ArgumentParser) -> None:
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-text-len", type=int)
     t.add_argument("--use-description", action="store_true", help="append the description to the title")
     t.add_argument("--pooling", choices=["cls", "mean"])
-    t.add_argument("--image-stem", choices=["linear", "conv"], default=RECIPE_IMAGE_STEM,
+    t.add_argument("--image-stem", choices=list(IMAGE_STEMS), default=RECIPE_IMAGE_STEM,
                    help="patch pixels -> embeddings: early convolutions (default) or ITEm's linear projection")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)

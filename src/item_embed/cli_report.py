@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .cli import _add_catalog_args, _finish_report, load_training_data
-from .config import TrainConfig
+from .config import IMAGE_STEMS, TrainConfig
 
 
 def cmd_train_dual(a: argparse.Namespace) -> int:
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--patch-size", type=int)
     t.add_argument("--max-text-len", type=int)
     t.add_argument("--use-description", action="store_true", help="append the description to the title")
-    t.add_argument("--image-stem", choices=["linear", "conv"], help="as `item-embed train --image-stem`")
+    t.add_argument("--image-stem", choices=list(IMAGE_STEMS), help="as `item-embed train --image-stem`")
     t.add_argument("--embed-dim", type=int, default=256, help="size of the shared embedding space")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)

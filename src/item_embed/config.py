@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+IMAGE_STEMS = ("linear", "conv", "conv_channelnorm")
+
+
 @dataclass
 class ModelConfig:
     """Shape of the single-stream transformer and how its inputs are prepared."""
@@ -37,7 +40,8 @@ class ModelConfig:
     pooling: str = "cls"
     # How pixels become patch embeddings: "linear" is ITEm's (METHOD.md: raw patch pixels, one
     # linear projection); "conv" is an early-convolution stem (Xiao et al., 2021) of stride-2 3x3
-    # convolutions down to one vector per patch, an option measured for sample efficiency.
+    # convolutions down to one vector per patch, an option measured for sample efficiency;
+    # "conv_channelnorm" the same with per-pixel channel LayerNorm instead of GroupNorm.
     image_stem: str = "linear"
 
     def __post_init__(self) -> None:
@@ -51,9 +55,9 @@ class ModelConfig:
             raise ValueError("max_text_len exceeds the text position embeddings")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"unknown pooling {self.pooling!r} (cls or mean)")
-        if self.image_stem not in ("linear", "conv"):
-            raise ValueError(f"unknown image_stem {self.image_stem!r} (linear or conv)")
-        if self.image_stem == "conv" and self.patch_size & (self.patch_size - 1):
+        if self.image_stem not in IMAGE_STEMS:
+            raise ValueError(f"unknown image_stem {self.image_stem!r} ({', '.join(IMAGE_STEMS)})")
+        if self.image_stem != "linear" and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"the conv stem halves the image per layer: patch_size {self.patch_size} "
                              "must be a power of two (or use --image-stem linear)")
 

@@ -48,7 +48,7 @@ from .config import DUAL_NEW_LR_SCALE, ModelConfig, TrainConfig
 from .data import ProductArrays, load_tokenizer, make_batch
 from .encode import ItemEncoder
 from .images import patchify
-from .model import ConvStem, ItemModel, bert_config
+from .model import STEM_NORMS, ConvStem, ItemModel, bert_config
 from .train import (
     TrainResult, _param_groups, _step_seed, _truncate_metrics, batch_indices, data_fingerprint, lr_at,
     total_steps,
@@ -118,8 +118,8 @@ class ImageTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         bc = bert_config(cfg)
-        if cfg.image_stem == "conv":  # the same stem ITEm can have, so the peers stay comparable
-            self.conv_stem = ConvStem(cfg.patch_size, cfg.hidden_size)
+        if cfg.image_stem != "linear":  # the same stems ITEm can have, so the peers stay comparable
+            self.conv_stem = ConvStem(cfg.patch_size, cfg.hidden_size, STEM_NORMS[cfg.image_stem])
         else:
             self.patch_embed = nn.Linear(cfg.patch_dim, cfg.hidden_size)  # as ITEm's (weight-decayed)
         self.embeddings = ImageEmbeddings(cfg)
@@ -129,7 +129,7 @@ class ImageTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, S, S, 3) -> (B, H) final [CLS] state. Pixels scaled to [-1, 1] as in ITEm."""
         x = images.float().div(127.5).sub(1.0)  # as ItemModel.normalize_pixels
-        if self.cfg.image_stem == "conv":
+        if self.cfg.image_stem != "linear":
             x = self.conv_stem(x.permute(0, 3, 1, 2))  # (B, N, H)
         else:
             x = self.patch_embed(patchify(x, self.cfg.patch_size))  # (B, N, H)

@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .images import patchify
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
+STEM_NORMS = {"conv": "group", "conv_channelnorm": "channel"}  # image_stem -> ConvStem's norm
 
 
 def minilm_path() -> Path:
@@ -64,18 +65,27 @@ class EncoderOutput:
     attention_mask: torch.Tensor  # (B, T + N) 1 for real tokens
 
 
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map (as in ConvNeXt): unlike
+    GroupNorm it mixes no statistics across the image, so a patch's vector depends on its own pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class ConvStem(nn.Module):
     """Early convolutions (Xiao et al., 2021): stride-2 3x3 convolutions, each halving the image,
-    until one cell per patch, then a 1x1 projection to the hidden size. (B, 3, S, S) -> (B, N, H)."""
+    until one cell per patch, then a 1x1 projection to the hidden size. (B, 3, S, S) -> (B, N, H).
+    ``norm``: "group" (GroupNorm over the image) or "channel" (per pixel, :class:`ChannelNorm`)."""
 
-    def __init__(self, patch_size: int, hidden: int) -> None:
+    def __init__(self, patch_size: int, hidden: int, norm: str = "group") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in, c_out = 3, max(hidden // 8, 8)
         for _ in range(patch_size.bit_length() - 1):
-            # GroupNorm, not BatchNorm: the embedding of a product must not depend on its batch.
-            norm = nn.GroupNorm(math.gcd(8, c_out), c_out)
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), norm, nn.GELU()]
+            # Neither is BatchNorm: the embedding of a product must not depend on its batch.
+            norm_layer = nn.GroupNorm(math.gcd(8, c_out), c_out) if norm == "group" else ChannelNorm(c_out)
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), norm_layer, nn.GELU()]
             c_in, c_out = c_out, min(2 * c_out, hidden)
         layers.append(nn.Conv2d(c_in, hidden, 1))
         self.net = nn.Sequential(*layers)
@@ -92,8 +102,8 @@ class ItemModel(nn.Module):
         self.cfg = cfg
         self.bert = BertModel(bert_config(cfg), add_pooling_layer=False)
         h = cfg.hidden_size
-        if cfg.image_stem == "conv":
-            self.conv_stem = ConvStem(cfg.patch_size, h)
+        if cfg.image_stem != "linear":
+            self.conv_stem = ConvStem(cfg.patch_size, h, STEM_NORMS[cfg.image_stem])
         else:
             self.patch_embed = nn.Linear(cfg.patch_dim, h)
         self.image_pos = nn.Parameter(torch.zeros(1, cfg.num_patches, h))
