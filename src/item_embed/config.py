@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-IMAGE_STEMS = ("linear", "conv", "conv_channelnorm")
+# image_stem -> the normalisation of its conv stem ("linear" has no stem): one table for config and model.
+STEM_NORMS = {"conv": "group", "conv_channelnorm": "channel"}
+IMAGE_STEMS = ("linear", *STEM_NORMS)
 
 
 @dataclass

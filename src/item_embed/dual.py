@@ -44,11 +44,11 @@ from .checkpoint import (
     CheckpointError, latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints,
     save_folder_atomic, save_model, sha256_file,
 )
-from .config import DUAL_NEW_LR_SCALE, ModelConfig, TrainConfig
+from .config import DUAL_NEW_LR_SCALE, STEM_NORMS, ModelConfig, TrainConfig
 from .data import ProductArrays, load_tokenizer, make_batch
 from .encode import ItemEncoder
 from .images import patchify
-from .model import STEM_NORMS, ConvStem, ItemModel, bert_config
+from .model import ConvStem, ItemModel, bert_config
 from .train import (
     TrainResult, _param_groups, _step_seed, _truncate_metrics, batch_indices, data_fingerprint, lr_at,
     total_steps,

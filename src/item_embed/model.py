@@ -19,11 +19,10 @@ from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from .config import ModelConfig
+from .config import STEM_NORMS, ModelConfig
 from .images import patchify
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
-STEM_NORMS = {"conv": "group", "conv_channelnorm": "channel"}  # image_stem -> ConvStem's norm
 
 
 def minilm_path() -> Path:
