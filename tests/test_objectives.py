@@ -282,3 +282,77 @@ def test_a_dropped_title_is_learned_from_the_image_as_a_query_sees_it(tiny):
     only = obj.global_word_logits(model, out, torch.full((3,), r), torch.tensor([1, 2, 3]))
     torch.nn.functional.cross_entropy(only, mb.mlm_labels[r, 1:4]).backward()
     assert model.patch_embed.weight.grad.abs().sum() > 0
+
+
+def _stripes(vertical: bool, s: int = 32, period: int = 4) -> torch.Tensor:
+    """A (1, s, s, 3) uint8 image of stripes in two colours picked per call."""
+    idx = torch.arange(s)
+    on = ((idx // (period // 2)) % 2).bool()
+    on = on[None, :].expand(s, s) if vertical else on[:, None].expand(s, s)
+    return on
+
+
+def _colour(on: torch.Tensor, a: tuple[int, int, int], b: tuple[int, int, int]) -> torch.Tensor:
+    img = torch.where(on[..., None], torch.tensor(a, dtype=torch.uint8), torch.tensor(b, dtype=torch.uint8))
+    return img[None]
+
+
+def test_hog_target_sees_edge_direction_not_colour():
+    from item_embed.objectives import HOG_BINS, HOG_CELLS, patch_hog, target_dim
+
+    vertical = _stripes(vertical=True)  # intensity changes along x: gradient angle 0
+    horizontal = _stripes(vertical=False)  # along y: angle pi/2
+    dark_on_light = _colour(vertical, (20, 20, 20), (230, 230, 230))
+    t = patch_targets(dark_on_light, 8, "hog")
+    assert t.shape == (1, 16, target_dim("hog", 8)) == (1, 16, HOG_CELLS ** 2 * HOG_BINS)
+    per_bin = t.reshape(1, 16, HOG_CELLS ** 2, HOG_BINS).sum(dim=(0, 1, 2))
+    assert per_bin.argmax() == 0 and per_bin[1:].sum() < 1e-3 * per_bin[0]
+    per_bin = patch_hog(_colour(horizontal, (20, 20, 20), (230, 230, 230)), 8).reshape(16, 4, HOG_BINS).sum((0, 1))
+    assert per_bin.argmax() == HOG_BINS // 2  # 90 degrees
+    # Recolouring the same shapes (a colour variant) leaves the target nearly unchanged; the pixel
+    # target of the same pair is far apart.
+    red_on_blue = _colour(vertical, (200, 30, 30), (30, 30, 200))
+    hog_a, hog_b = patch_hog(dark_on_light, 8), patch_hog(red_on_blue, 8)
+    assert torch.nn.functional.cosine_similarity(hog_a, hog_b, dim=-1).min() > 0.99
+    pix_a, pix_b = patch_targets(dark_on_light, 8), patch_targets(red_on_blue, 8)
+    assert torch.nn.functional.cosine_similarity(pix_a.flatten(), pix_b.flatten(), dim=0) < 0.9
+    # Edge-rich patches have the pixel target's scale (mean square 1); a flat patch stays near zero.
+    assert torch.allclose(hog_a.pow(2).mean(-1), torch.ones(16), atol=0.1)
+    flat = patch_hog(torch.full((1, 32, 32, 3), 128, dtype=torch.uint8), 8)
+    assert flat.abs().max() == 0
+    noisy_flat = patch_hog(torch.randint(126, 130, (1, 32, 32, 3), dtype=torch.uint8), 8)
+    assert noisy_flat.pow(2).mean() < 0.05
+
+
+def test_hog_target_patches_follow_patchify_order():
+    """Patch k of the target describes patch k of the image: edges only in the top-right patch."""
+    from item_embed.objectives import patch_hog
+
+    img = torch.full((1, 32, 32, 3), 255, dtype=torch.uint8)
+    img[0, 2:6, 8 + 2:8 + 6] = 0  # a small dark square inside patch (row 0, col 1) of a 4x4 grid
+    energy = patch_hog(img, 8).pow(2).sum(-1)[0]
+    assert energy.argmax() == 1 and (energy > 1e-6).sum() == 1
+
+
+@pytest.mark.parametrize("kind", ["pixels", "hog"])
+def test_mim_heads_regress_the_chosen_target(tiny, kind):
+    from item_embed.objectives import target_dim
+
+    model, _ = tiny
+    cfg = ObjectiveConfig(mim_target=kind)
+    obj = ItemObjectives(model, cfg)
+    d = target_dim(kind, model.cfg.patch_size)
+    assert obj.heads["mim"].out.out_features == d == obj.heads["global_mim"].out.out_features
+    batch = make_batch()
+    mb = mask_batch(batch, cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
+    out = model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask)
+    losses = obj(model, out, mb)
+    assert torch.isfinite(losses["mim"]) and torch.isfinite(losses["global_mim"])
+    losses["mim"].backward()  # the target's gradient reaches the head and the image side
+    assert obj.heads["mim"].out.weight.grad.abs().sum() > 0
+    assert model.image_pos.grad.abs().sum() > 0
+
+
+def test_unknown_mim_target_is_refused():
+    with pytest.raises(ValueError, match="mim_target"):
+        ObjectiveConfig(mim_target="depth")

@@ -85,7 +85,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .train import train
 
     weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
-    objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio,
+    objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio, mim_target=a.mim_target,
                                  itm_negative_ratio=a.itm_negatives, title_dropout=a.title_dropout,
                                  contrastive_views=a.contrastive_views,
                                  contrastive_stop_grad=not a.contrastive_both_ways)
@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "heads (default 10; the MiniLM encoder keeps --lr)")
     t.add_argument("--mlm-prob", type=float, default=0.15)
     t.add_argument("--mim-ratio", type=float, default=0.5)
+    t.add_argument("--mim-target", choices=list(ObjectiveConfig.MIM_TARGETS), default=ObjectiveConfig.mim_target,
+                   help="what MIM rebuilds: each patch's normalised pixels (pixels, ITEm) or its histograms of "
+                        "oriented gradients (hog, as in MaskFeat: shapes and edges, not colour)")
     t.add_argument("--itm-negatives", type=float, default=0.5, help="share of the batch with a swapped image")
     t.add_argument("--loss-weights", help="e.g. itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1 "
                                           "(0 turns one off)")

@@ -130,6 +130,9 @@ class ObjectiveConfig:
     global_mim: float = 0.25
     mlm_prob: float = 0.15
     mim_ratio: float = 0.5
+    # What MIM and global MIM rebuild: "pixels" (METHOD.md: each patch's pixels normalised as in MAE) or
+    # "hog" (MaskFeat: the patch's histograms of oriented gradients, colour-free; objectives.patch_hog).
+    mim_target: str = "pixels"
     itm_negative_ratio: float = 0.5
     # Modality dropout (METHOD.md's first remedy), title side: this share of products enters as an
     # image-only product ([CLS] [SEP] + patches, as an image-only query does) and global MLM must
@@ -146,6 +149,7 @@ class ObjectiveConfig:
 
     WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive")
     VIEWS = ("image", "title")
+    MIM_TARGETS = ("pixels", "hog")
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -163,6 +167,8 @@ class ObjectiveConfig:
         bad = [v for v in self.views if v not in self.VIEWS]
         if bad or not self.views:
             raise ValueError(f"contrastive_views={self.contrastive_views!r}: use image, title or image,title")
+        if self.mim_target not in self.MIM_TARGETS:
+            raise ValueError(f"mim_target={self.mim_target!r}: use one of {', '.join(self.MIM_TARGETS)}")
         if self.title_dropout > 0 and self.global_mlm == 0:
             raise ValueError("title_dropout needs global_mlm > 0: it is the term that learns from those rows")
         for name in ("mlm_prob", "mim_ratio", "itm_negative_ratio", "title_dropout"):
