@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evaluate the runs of quality_runs.sh beside every baseline, on both real catalogs, same splits.
-#   bash benchmarks/quality_eval.sh OUT_DIR            # every run + the six baselines -> OUT_DIR/eval-{hm,fashion}/
+#   bash benchmarks/quality_eval.sh OUT_DIR            # every run + the seven baselines -> OUT_DIR/eval-{hm,fashion}/
 #   bash benchmarks/quality_eval.sh OUT_DIR RUN [...]  # only these runs (no baselines) -> OUT_DIR/eval-{hm,fashion}-RUN/
 # quality_table.py merges every eval-* folder (the split depends only on the catalog: same test fold).
 set -euo pipefail
@@ -19,7 +19,7 @@ if [ $# -gt 0 ]; then
   done
 else
   suffix=""
-  baselines=(--baselines tfidf,minilm,minilm_title,pixels16,phash,fusion)
+  baselines=(--baselines tfidf,minilm,minilm_title,pixels16,phash,fusion,hog)
   for run in "$out"/item-*/; do
     [ -f "$run/model.safetensors" ] && models+=(--featurizer "item:${run%/}")
   done

@@ -73,6 +73,8 @@ def run_rows(out: Path) -> list[list[object]]:
             weights += f" (views {obj.get('contrastive_views')}, {how})"
         if obj.get("title_dropout"):
             weights += f", title dropout {obj['title_dropout']:g}"
+        if obj.get("mim_target", "pixels") != "pixels":
+            weights += f", MIM target {obj['mim_target']}"
         stem = cfg.get("model", {}).get("image_stem", "linear")  # runs saved before the option: linear
         last = {}
         metrics = run / "metrics.jsonl"

@@ -173,3 +173,26 @@ def test_reproduces_benchmarks_md(catalog):
     assert rows, "nothing compared"
     off = [r for r in rows if abs(r.got - r.reference) > bench_baselines.TOLERANCE]
     assert not off, "off the reference by more than 0.01: " + "; ".join(map(str, off))
+
+
+def test_hog_is_the_mim_hog_target_of_the_96px_photo(products, tiny_catalog):
+    import torch
+
+    from item_embed.baselines import HogBaseline, _hog
+    from item_embed.objectives import patch_hog
+
+    f = HogBaseline()
+    raw = np.stack([patch_hog(torch.from_numpy(np.asarray(
+        Image.open(tiny_catalog.parent / v).convert("RGB").resize((96, 96), Image.Resampling.BILINEAR)).copy())[None],
+        16).reshape(-1).numpy() for v in products.images])
+    expected = raw - raw.mean(axis=0)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(f.embed(products, "joint"), expected, atol=1e-5)
+    assert expected.shape[1] == 36 * 36  # 6x6 blocks of 2x2 cells x 9 orientations
+    t = f.embed(products, "title")  # no picture: one blank (white) picture for everyone
+    assert np.allclose(t, t[0])
+    # Colour-free: the same photo with its channels swapped embeds the same.
+    im = Image.open(tiny_catalog.parent / products.images[0]).convert("RGB")
+    swapped = Image.merge("RGB", im.split()[::-1])
+    a, b = _hog(im), _hog(swapped)
+    assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.95

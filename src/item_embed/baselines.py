@@ -8,6 +8,10 @@
 - ``phash``: 64-bit perceptual hash (``imagehash.phash``) of the raw photo, as a +-1 vector: the
   cosine of two such vectors is ``1 - 2 * hamming / 64``, so cosine ranking is Hamming ranking.
 - ``fusion``: ``[minilm(text), 0.5 * pixels16 / ||pixels16||]``, L2-normalised.
+- ``hog`` (ours, not in BENCHMARKS.md, off by default): histograms of oriented gradients of the photo's
+  luminance at 96 px, exactly the target ``--mim-target hog`` asks ITEm to rebuild
+  (``objectives.patch_hog``: 16-px blocks of 2x2 cells, 9 orientations), mean-centred over the catalog.
+  A colour-free image baseline: colour variants share shapes, not colours.
 
 Text is ``title. description`` when the catalog has a description column, else the title.
 A baseline sees a missing modality as a blank input: text baselines embed "" for image-only
@@ -27,11 +31,12 @@ import numpy as np
 
 from .evaluate import CachedFeaturizer, RawProducts, l2_normalise
 
-BASELINES = ("tfidf", "minilm", "minilm_title", "pixels16", "phash", "fusion")
+BASELINES = ("tfidf", "minilm", "minilm_title", "pixels16", "phash", "fusion", "hog")
 DEFAULT_BASELINES = ("tfidf", "minilm", "pixels16", "phash", "fusion")
 
 TFIDF_DIM = 256
 PIXELS_SIDE = 16
+HOG_SIDE, HOG_BLOCK = 96, 16  # the training recipe's image and patch size
 PIXELS_DIM = 128
 FUSION_PIXEL_WEIGHT = 0.5
 
@@ -212,6 +217,47 @@ class PHashBaseline(CachedFeaturizer):
         return (bits.astype(np.float32) * 2 - 1) / np.float32(np.sqrt(bits.shape[1]))  # (n, 64), unit rows
 
 
+def _hog(im) -> np.ndarray:
+    """(HOG_SIDE**2 / HOG_BLOCK**2 * 36,) float32 HOG of the photo; a white (all-zero HOG) picture if absent."""
+    import torch
+    from PIL import Image
+
+    from .objectives import patch_hog
+
+    if im is None:
+        im = Image.new("RGB", (HOG_SIDE, HOG_SIDE), (255, 255, 255))
+    x = np.asarray(im.convert("RGB").resize((HOG_SIDE, HOG_SIDE), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return patch_hog(torch.from_numpy(x.copy())[None], HOG_BLOCK).reshape(-1).numpy()
+
+
+class HogBaseline(CachedFeaturizer):
+    """Luminance HOG of the photo (see the module notes), centred on the catalog mean."""
+
+    modalities = frozenset({"image"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "hog"
+        self.mean: np.ndarray | None = None
+        self._raw: dict[int, np.ndarray] = {}
+
+    def _hogs(self, products: RawProducts) -> np.ndarray:
+        if products.key not in self._raw:
+            self._raw[products.key] = np.stack(products.map_images(_hog))
+        return self._raw[products.key]
+
+    def fit(self, products: RawProducts) -> "HogBaseline":
+        self.mean = self._hogs(products).mean(axis=0)
+        return self
+
+    def _embed(self, products: RawProducts, mode: str) -> np.ndarray:
+        if self.mean is None:
+            self.fit(products)
+        if mode == "title":  # no image: a blank (white) picture for everyone
+            return np.repeat(l2_normalise(_hog(None)[None] - self.mean), len(products), axis=0)
+        return l2_normalise(self._hogs(products) - self.mean)
+
+
 class FusionBaseline(CachedFeaturizer):
     """``[minilm(text), 0.5 * pixels16 / ||pixels16||]``, L2-normalised (naive late fusion)."""
 
@@ -251,5 +297,6 @@ def make_baselines(names: Sequence[str] = DEFAULT_BASELINES, batch_size: int = 6
         "pixels16": lambda: pixels,
         "phash": PHashBaseline,
         "fusion": lambda: FusionBaseline(minilm, pixels),
+        "hog": HogBaseline,
     }
     return [build[n]() for n in dict.fromkeys(names)]
