@@ -184,6 +184,7 @@ def test_evaluate_all_same_split_for_every_feature():
     assert res["features"]["one"] == res["features"]["two"]
     assert res["features"]["one"]["probe"]["cat"]["knn"]["test"] == sum(split_test_mask(groups))
     assert "| one | joint |" in results_markdown(res)
+    assert "- Features: `one`, `two`" in results_markdown(res)  # no --model: the header names what was run
 
 
 def test_cls_attention_shares_hand_computed():

@@ -651,7 +651,8 @@ def results_markdown(results: dict) -> str:
     """The results document as Markdown (results.md)."""
     lines = ["# Evaluation results", "",
              f"- Catalog: `{results.get('catalog')}` ({results.get('n_products')} products)",
-             f"- Model: `{results.get('model')}`" if results.get("model") else "- Model: none (baselines only)"]
+             f"- Model: `{results.get('model')}`" if results.get("model")
+             else f"- Features: {', '.join(f'`{n}`' for n in results.get('features', {}))}"]
     for cmd in results.get("commands", []):
         lines.append(f"- Command: `{cmd}`")
     for title, headers, rows in results_tables(results):
