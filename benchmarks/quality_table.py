@@ -73,6 +73,8 @@ def run_rows(out: Path) -> list[list[object]]:
             weights += f" (views {obj.get('contrastive_views')}, {how})"
         if obj.get("title_dropout"):
             weights += f", title dropout {obj['title_dropout']:g}"
+            if obj.get("title_dropout_mim"):
+                weights += " (+ their whole picture by global MIM)"
         if obj.get("mim_target", "pixels") != "pixels":
             weights += f", MIM target {obj['mim_target']}"
         stem = cfg.get("model", {}).get("image_stem", "linear")  # runs saved before the option: linear
@@ -83,7 +85,7 @@ def run_rows(out: Path) -> list[list[object]]:
             if lines:
                 last = json.loads(lines[-1])
         losses = ", ".join(f"{k} {last[k]:.3f}" for k in ("itm", "itm_acc", "mlm", "mim", "contrastive",
-                                                          "title_from_image", "loss")
+                                                          "title_from_image", "image_from_image", "loss")
                            if k in last)
         rows.append([run.name, weights or "CLIP-style InfoNCE", last.get("step", "?") if last else "?",
                      train.get("batch_size", cfg.get("batch_size", "?")), stem,

@@ -356,3 +356,37 @@ def test_mim_heads_regress_the_chosen_target(tiny, kind):
 def test_unknown_mim_target_is_refused():
     with pytest.raises(ValueError, match="mim_target"):
         ObjectiveConfig(mim_target="depth")
+
+
+def test_title_dropout_mim_rebuilds_the_whole_picture_from_the_image_only_cls(tiny):
+    """With title_dropout_mim a dropped row's global MIM covers every patch (none of its patches is
+    masked, as in an image-only query) and reads only that row's [CLS]; local MIM is unchanged."""
+    model, _ = tiny
+    cfg = ObjectiveConfig(title_dropout=0.5, title_dropout_mim=True)
+    obj = ItemObjectives(model, cfg)
+    batch = make_batch(b=8, t=12)
+    mb = mask_batch(batch, cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(1))
+    dropped = torch.nonzero(mb.title_dropped).squeeze(1)
+    assert len(dropped) and not mb.mim_mask[dropped].any()
+    out = model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask)
+    losses = obj(model, out, mb)
+    n = model.cfg.num_patches
+    targets = patch_targets(mb.images, model.cfg.patch_size)
+    rows = dropped.repeat_interleave(n)
+    patches = torch.arange(n).repeat(len(dropped))
+    whole = torch.nn.functional.mse_loss(obj.global_patch_pred(model, out, rows, patches), targets[rows, patches])
+    assert torch.allclose(losses["image_from_image"], whole, atol=1e-6)
+    off = ItemObjectives(model, ObjectiveConfig(title_dropout=0.5))
+    off.load_state_dict(obj.state_dict())
+    plain = off(model, out, mb)
+    assert "image_from_image" not in plain
+    assert torch.allclose(plain["mim"], losses["mim"])  # local MIM: masked patches of matched rows only
+    sel = mb.mim_mask & mb.matched.unsqueeze(1)
+    k = int(sel.sum())
+    # global MIM is one mean over the masked patches and the dropped rows' whole pictures
+    expected = (plain["global_mim"] * k + whole * len(rows)) / (k + len(rows))
+    assert torch.allclose(losses["global_mim"], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="title_dropout_mim"):
+        ObjectiveConfig(title_dropout_mim=True)
+    with pytest.raises(ValueError, match="title_dropout_mim"):
+        ObjectiveConfig(title_dropout=0.25, title_dropout_mim=True, global_mim=0)

@@ -87,6 +87,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
     objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio, mim_target=a.mim_target,
                                  itm_negative_ratio=a.itm_negatives, title_dropout=a.title_dropout,
+                                 title_dropout_mim=a.title_dropout_mim,
                                  contrastive_views=a.contrastive_views,
                                  contrastive_stop_grad=not a.contrastive_both_ways)
     tcfg = TrainConfig(steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
@@ -333,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(0 turns one off)")
     t.add_argument("--title-dropout", type=float, default=ObjectiveConfig.title_dropout,
                    help="share of products shown as image only; global MLM rebuilds their titles from [CLS]")
+    t.add_argument("--title-dropout-mim", action="store_true",
+                   help="title-dropped products also rebuild every patch's MIM target from [CLS] (global MIM)")
     t.add_argument("--contrastive-views", default="image",
                    help="reduced views the contrastive term pulls towards the full product: image, title or "
                         "image,title (each costs one extra forward pass)")

@@ -139,6 +139,9 @@ class ObjectiveConfig:
     # rebuild every title word from that [CLS] alone. No ITM, local MLM or patch masking on them.
     # Their words join global MLM's one mean, so with long texts they carry most of that term.
     title_dropout: float = 0.0
+    # With title dropout: those rows also rebuild every patch's MIM target from their [CLS] (global MIM
+    # over the whole, unmasked picture), so the image-only [CLS] must hold what the picture shows.
+    title_dropout_mim: bool = False
     # Optional sixth term (METHOD.md, "modality" remedies): in-batch InfoNCE between the [CLS]
     # embedding of a reduced view of each product (image only, title only) and of the full product.
     contrastive: float = 0.0
@@ -171,6 +174,8 @@ class ObjectiveConfig:
             raise ValueError(f"mim_target={self.mim_target!r}: use one of {', '.join(self.MIM_TARGETS)}")
         if self.title_dropout > 0 and self.global_mlm == 0:
             raise ValueError("title_dropout needs global_mlm > 0: it is the term that learns from those rows")
+        if self.title_dropout_mim and not (self.title_dropout > 0 and self.global_mim > 0):
+            raise ValueError("title_dropout_mim needs title_dropout > 0 and global_mim > 0")
         for name in ("mlm_prob", "mim_ratio", "itm_negative_ratio", "title_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:

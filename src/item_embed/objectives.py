@@ -321,15 +321,23 @@ class ItemObjectives(nn.Module):
 
         if mb.mim_mask is not None:
             patch_sel = mb.mim_mask & mb.matched.unsqueeze(1)
-            if bool(patch_sel.any()):
+            # Title-dropped rows (all patches visible, as an image-only query) may rebuild every patch
+            # from [CLS]: global MIM then also teaches the image-only [CLS] what the picture shows.
+            whole = (mb.title_dropped.unsqueeze(1) & torch.ones_like(patch_sel)
+                     if self.cfg.title_dropout_mim and "global_mim" in self.heads else torch.zeros_like(patch_sel))
+            if bool(patch_sel.any()) or bool(whole.any()):
+                targets = patch_targets(mb.images, model.cfg.patch_size, self.cfg.mim_target)
                 rows, patches = torch.nonzero(patch_sel, as_tuple=True)
-                target = patch_targets(mb.images, model.cfg.patch_size, self.cfg.mim_target)[rows, patches]
-                if "mim" in self.heads:
+                if "mim" in self.heads and len(rows):
                     pred = self.heads["mim"](out.hidden[rows, out.text_len + patches])
-                    losses["mim"] = F.mse_loss(pred.float(), target)
+                    losses["mim"] = F.mse_loss(pred.float(), targets[rows, patches])
                 if "global_mim" in self.heads:
+                    rows, patches = torch.nonzero(patch_sel | whole, as_tuple=True)
                     pred = self.global_patch_pred(model, out, rows, patches)
-                    losses["global_mim"] = F.mse_loss(pred.float(), target)
+                    per_patch = F.mse_loss(pred.float(), targets[rows, patches], reduction="none").mean(-1)
+                    losses["global_mim"] = per_patch.mean()
+                    if bool(whole.any()):  # logged: how well an image-only [CLS] holds its own picture
+                        losses["image_from_image"] = per_patch[whole[rows, patches]].mean().detach()
 
         if "contrastive" in self.heads and mb.images is not None:
             # Full products: the shared pass's matched rows (masked, like any augmented view).
