@@ -20,13 +20,15 @@ train() {  # train NAME SUBCOMMAND [FLAGS...]
       --no-progress --resume "$@"
   echo "$name ($steps steps): $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
 }
-# No objective, lr or stem flags on purpose: this run checks that the defaults are the recipe.
-train item-recipe-conv train
-# The previous recipe (until the conv stem became the default): the same with the paper's projection.
+# No objective, lr or stem flags on purpose: this run checks that the defaults are the recipe
+# (since the fifth session the conv stem with per-pixel channel norm).
+train item-recipe-convcn train
+# The earlier recipes, same budget: the conv stem with GroupNorm, and the paper's linear projection.
+train item-recipe-conv train --image-stem conv
 train item-recipe train --image-stem linear
 # The dual encoder: same data, steps, batch, sizes and precision. Its lr multiplier stays 1: in the dual
 # "from scratch" is a whole 6-layer image tower, and at ITEm's 10x its in-batch accuracy fell back to
 # chance by step 400 (measured). Its own default stem is linear; the conv run is the like-for-like peer.
 train dual-recipe train-dual --new-lr-scale 1
 train dual-recipe-conv train-dual --new-lr-scale 1 --image-stem conv
-bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe-conv item-recipe dual-recipe dual-recipe-conv
+bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe-convcn item-recipe-conv item-recipe dual-recipe dual-recipe-conv

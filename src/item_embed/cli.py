@@ -317,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--use-description", action="store_true", help="append the description to the title")
     t.add_argument("--pooling", choices=["cls", "mean"])
     t.add_argument("--image-stem", choices=list(IMAGE_STEMS), default=RECIPE_IMAGE_STEM,
-                   help="patch pixels -> embeddings: early convolutions with GroupNorm (conv, default) or "
-                        "per-pixel norm (conv_channelnorm), or ITEm's linear projection (linear)")
+                   help="patch pixels -> embeddings: early convolutions with per-pixel channel norm "
+                        "(conv_channelnorm, default) or GroupNorm (conv), or ITEm's linear projection (linear)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
     t.add_argument("--new-lr-scale", type=float,

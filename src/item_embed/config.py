@@ -199,11 +199,12 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
 
 # The image stem of `item-embed train`'s recipe. A config without the key (models saved before the
 # option) means "linear", so the dataclass default stays linear; the recipe is chosen here. Measured
-# (benchmarks/RESULTS.md, "Quality"): at 3,000 steps the conv stem keeps hm-dev joint R@1 at 0.998
-# (linear: 0.968; MiniLM text 0.995) with fashion-small's probe unchanged (0.968 vs 0.967), at the
-# cost of hm-dev's product_type probe (0.834 vs 0.849). Python callers building a ModelConfig get
-# linear unless they ask for it.
-RECIPE_IMAGE_STEM = "conv"
+# (benchmarks/RESULTS.md, "Quality", 3,000 steps): the conv stem with per-pixel channel norm keeps
+# hm-dev joint R@1 at 0.997 (GroupNorm conv 0.998, linear 0.968; MiniLM text 0.995) and is the best
+# of the three on hm-dev's probes among the conv stems (product_type 0.845 vs 0.834, linear 0.849;
+# product_group 0.949 vs 0.935) and on fashion-small (0.969 vs 0.968 / 0.967). Python callers
+# building a ModelConfig get linear unless they ask for a stem.
+RECIPE_IMAGE_STEM = "conv_channelnorm"
 
 # ITEm: the image side (patch projection, positions, [MASK] patch) and the heads at 10x the encoder's lr
 # lowered MIM and MLM loss faster than 1x at the same steps (0.546 vs 0.588, 4.25 vs 4.65 after 600 steps
