@@ -248,3 +248,21 @@ def test_train_defaults_to_the_recipe_stem_and_linear_stays_available(tiny_catal
         assert ("patch_embed.weight" in weights) == (stem == "linear")
         assert main(["embed", str(tiny_catalog), "--model", str(run), "--out", str(tmp_path / f"{stem}.parquet"),
                      "--no-progress"]) == 0
+
+
+def test_train_with_hog_targets_and_whole_picture_title_dropout(tiny_catalog, tmp_path):
+    """The CLI options reach the objectives: the run records them, logs the image-only [CLS]'s picture
+    loss, and its MIM heads are as wide as a HOG target, not a pixel patch."""
+    from item_embed.objectives import target_dim
+
+    run = tmp_path / "hog"
+    assert main(["train", str(tiny_catalog), "--out", str(run), "--steps", "3", "--save-every", "100",
+                 "--mim-target", "hog", "--title-dropout", "0.5", "--title-dropout-mim", *TRAIN]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    objectives = cfg["train"]["objectives"]
+    assert objectives["mim_target"] == "hog" and objectives["title_dropout_mim"] is True
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("image_from_image" in row for row in log)
+    heads = load_file(str(next((run / "checkpoints").glob("*/heads.safetensors"))))
+    widths = {k: v.shape[0] for k, v in heads.items() if k.endswith("mim.out.weight")}
+    assert widths and set(widths.values()) == {target_dim("hog", cfg["model"]["patch_size"])}, widths
