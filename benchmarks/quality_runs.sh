@@ -27,6 +27,8 @@ declare -A weights=(
   [item-conv-hog-ctr]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=1"
   [item-conv-hog-td25m]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
   [item-convcn-hog]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
+  [item-convcn-lr10-s1]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
+  [item-conv-lr10-s1]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
 )
 # The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1). Every run
 # before the conv stem existed pins the paper's linear patch projection (the stem is now the default).
@@ -49,11 +51,15 @@ declare -A flags=(
   # + title dropout whose rows also rebuild their whole picture from the image-only [CLS]
   [item-conv-hog-td25m]="--new-lr-scale 10 --image-stem conv --mim-target hog --title-dropout 0.25 --title-dropout-mim"
   [item-convcn-hog]="--new-lr-scale 10 --image-stem conv_channelnorm --mim-target hog"  # HOG with the default stem
+  # A second seed of the two conv stems: how far one seed moves the numbers compared here.
+  [item-convcn-lr10-s1]="--new-lr-scale 10 --image-stem conv_channelnorm --seed 1"
+  [item-conv-lr10-s1]="--new-lr-scale 10 --image-stem conv --seed 1"
 )
 for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg \
             item-mit-lr10 item-all5g25-lr10 item-itm4-lr10 diag-itm-only \
             item-conv-lr10 item-conv-ctr-lr10 item-conv-td25 item-convcn-lr10 \
-            item-conv-hog item-conv-hog-ctr item-conv-hog-td25m item-convcn-hog; do
+            item-conv-hog item-conv-hog-ctr item-conv-hog-td25m item-convcn-hog \
+            item-convcn-lr10-s1 item-conv-lr10-s1; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \
