@@ -200,10 +200,11 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
 # The image stem of `item-embed train`'s recipe. A config without the key (models saved before the
 # option) means "linear", so the dataclass default stays linear; the recipe is chosen here. Measured
 # (benchmarks/RESULTS.md, "Quality", 3,000 steps): the conv stem with per-pixel channel norm keeps
-# hm-dev joint R@1 at 0.997 (GroupNorm conv 0.998, linear 0.968; MiniLM text 0.995) with better
-# linear probes than GroupNorm (hm-dev product_type 0.845 vs 0.834, linear 0.849; product_group 0.949
-# vs 0.935; fashion-small 0.969 vs 0.968, linear 0.967). Python callers building a ModelConfig get
-# linear unless they ask for a stem.
+# hm-dev joint R@1 at 0.997 (GroupNorm conv 0.998, linear 0.968; MiniLM text 0.995) with linear
+# probes at least as good as GroupNorm's (single seed: product_type 0.845 vs 0.834, product_group 0.949
+# vs 0.935, fashion-small 0.969 vs 0.968; a second seed moves these as much) and better title-only
+# queries in every run; its norm uses no image-wide statistics. Python callers building a ModelConfig
+# get linear unless they ask for a stem.
 RECIPE_IMAGE_STEM = "conv_channelnorm"
 
 # ITEm: the image side (patch projection, positions, [MASK] patch) and the heads at 10x the encoder's lr
