@@ -324,8 +324,9 @@ class ItemObjectives(nn.Module):
             patch_sel = mb.mim_mask & mb.matched.unsqueeze(1)
             # Title-dropped rows (all patches visible, as an image-only query) may rebuild every patch
             # from [CLS]: global MIM then also teaches the image-only [CLS] what the picture shows.
-            whole = (mb.title_dropped.unsqueeze(1) & torch.ones_like(patch_sel)
-                     if self.cfg.title_dropout_mim and "global_mim" in self.heads else torch.zeros_like(patch_sel))
+            whole = mb.title_dropped.unsqueeze(1).expand_as(patch_sel)
+            if not (self.cfg.title_dropout_mim and "global_mim" in self.heads):
+                whole = torch.zeros_like(patch_sel)
             if bool(patch_sel.any()) or bool(whole.any()):
                 targets = patch_targets(mb.images, model.cfg.patch_size, self.cfg.mim_target)
                 rows, patches = torch.nonzero(patch_sel, as_tuple=True)
