@@ -390,3 +390,44 @@ def test_title_dropout_mim_rebuilds_the_whole_picture_from_the_image_only_cls(ti
         ObjectiveConfig(title_dropout_mim=True)
     with pytest.raises(ValueError, match="title_dropout_mim"):
         ObjectiveConfig(title_dropout=0.25, title_dropout_mim=True, global_mim=0)
+
+
+def test_image_contrastive_off_draws_nothing_and_on_adds_two_views_last():
+    batch = make_batch(b=8)
+    off = mask_batch(batch, ObjectiveConfig(), 4, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
+    on = mask_batch(batch, ObjectiveConfig(image_contrastive=1), 4, SPECIALS, MASK, VOCAB,
+                    torch.Generator().manual_seed(0))
+    assert off.views is None
+    assert on.views.shape == (8, 2, 32, 32, 3) and on.views.dtype == torch.uint8
+    assert not torch.equal(on.views[:, 0], on.views[:, 1])
+    for name in ("input_ids", "mlm_labels", "mim_mask", "itm_labels", "images"):
+        assert torch.equal(getattr(on, name), getattr(off, name)), name  # same stream before the views
+    assert on.select(slice(2, 5)).views.shape[0] == 3
+
+
+def test_image_contrastive_term_tells_photos_apart_by_their_views(tiny):
+    """InfoNCE between the image-only embeddings of two views of each photo: near log(n) for a random
+    model, lower when the two views are the same picture than when they are different pictures;
+    rows without a photo take no part; the image side gets the gradient."""
+    model, _ = tiny
+    model.train()
+    obj = ItemObjectives(model, ObjectiveConfig(itm=0, mlm=0, mim=0, global_mlm=0, global_mim=0,
+                                                image_contrastive=1))
+    assert set(obj.heads) == {"image_contrastive"}
+    batch = make_batch(b=8, text_only_rows=(3,))
+    mb = mask_batch(batch, obj.cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
+
+    def loss(views: torch.Tensor) -> torch.Tensor:
+        mb.views = views
+        return obj(model, model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask), mb)
+
+    losses = loss(mb.views)
+    assert abs(losses["image_contrastive"].item() - np.log(7)) < 0.7
+    losses["loss"].backward()
+    assert model.patch_embed.weight.grad.abs().sum() > 0
+    assert obj.heads["image_contrastive"].logit_scale.grad is not None
+    model.eval()
+    with torch.no_grad():
+        same = torch.stack([batch.images, batch.images], dim=1)
+        other = torch.stack([batch.images, batch.images.roll(1, dims=0)], dim=1)
+        assert loss(same)["image_contrastive"] < loss(other)["image_contrastive"]

@@ -266,3 +266,18 @@ def test_train_with_hog_targets_and_whole_picture_title_dropout(tiny_catalog, tm
     heads = load_file(str(next((run / "checkpoints").glob("*/heads.safetensors"))))
     widths = {k: v.shape[0] for k, v in heads.items() if k.endswith("mim.out.weight")}
     assert widths and set(widths.values()) == {target_dim("hog", cfg["model"]["patch_size"])}, widths
+
+
+def test_train_with_the_image_view_contrastive_term(tiny_catalog, tmp_path):
+    """`--loss-weights image_contrastive=1` keeps the other weights at their defaults, trains, logs the
+    term, and checkpoints its temperature with the other heads."""
+    run = tmp_path / "views"
+    assert main(["train", str(tiny_catalog), "--out", str(run), "--save-every", "2", "--steps", "3",
+                 "--loss-weights", "image_contrastive=1", *TRAIN]) == 0
+    objectives = json.loads((run / "config.json").read_text())["train"]["objectives"]
+    assert objectives["image_contrastive"] == 1 and objectives["itm"] == 1 and objectives["global_mim"] == 0.25
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3]
+    assert all(np.isfinite(row["image_contrastive"]) for row in log)
+    heads = load_file(str(next((run / "checkpoints").glob("*/heads.safetensors"))))
+    assert "heads.image_contrastive.logit_scale" in heads, sorted(heads)

@@ -330,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what MIM rebuilds: each patch's normalised pixels (pixels, ITEm) or its histograms of "
                         "oriented gradients (hog, as in MaskFeat: shapes and edges, not colour)")
     t.add_argument("--itm-negatives", type=float, default=0.5, help="share of the batch with a swapped image")
-    t.add_argument("--loss-weights", help="e.g. itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1 "
-                                          "(0 turns one off)")
+    t.add_argument("--loss-weights", help="e.g. itm=1,mlm=1,mim=1,global_mlm=1,global_mim=1,contrastive=1,"
+                                          "image_contrastive=1 (0 turns one off; unnamed ones keep their default)")
     t.add_argument("--title-dropout", type=float, default=ObjectiveConfig.title_dropout,
                    help="share of products shown as image only; global MLM rebuilds their titles from [CLS]")
     t.add_argument("--title-dropout-mim", action="store_true",

@@ -149,8 +149,12 @@ class ObjectiveConfig:
     # The full product's embedding is the target, held still (no gradient): measured, letting it move
     # too makes [CLS] copy the image into the full embedding (joint ~= image-only) and costs the title.
     contrastive_stop_grad: bool = True
+    # Optional image-side term (SimCLR): in-batch InfoNCE between the image-only embeddings of two random
+    # views of each photo (augment.random_views: crop, flip, colour jitter with any hue, greyscale), so
+    # the image side must tell products apart by what survives a change of colour.
+    image_contrastive: float = 0.0
 
-    WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive")
+    WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive", "image_contrastive")
     VIEWS = ("image", "title")
     MIM_TARGETS = ("pixels", "hog")
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ObjectiveConfig
+from .augment import random_views
 from .data import Batch
 from .images import patchify
 from .model import EncoderOutput, ItemModel
@@ -37,6 +38,7 @@ class MaskedBatch:
     matched: torch.Tensor  # (B,) bool: rows whose image is their own (masked losses use these)
     has_text: torch.Tensor  # (B,) bool
     title_dropped: torch.Tensor  # (B,) bool: shown as image only; every title word is a global MLM label
+    views: torch.Tensor | None = None  # (B, 2, S, S, 3) uint8: two random views of each row's own photo
 
     def original_ids(self) -> torch.Tensor:
         """Token ids before MLM masking (the labels hold the originals of every chosen position).
@@ -130,8 +132,14 @@ def mask_batch(
         ranks = noise.argsort(dim=1).argsort(dim=1)
         mim_mask = (ranks < k) & (batch.has_image & ~dropped).unsqueeze(1)
 
+    views = None
+    if w["image_contrastive"] > 0 and images is not None:
+        # Drawn last, so runs without the term keep their exact random stream. The row's own photo,
+        # not an ITM donor's: the two views only need to share a product.
+        views = torch.stack([random_views(batch.images, g), random_views(batch.images, g)], dim=1)
+
     return MaskedBatch(input_ids, text_mask, images, batch.has_image, mlm_labels, mim_mask,
-                       itm_labels, matched, batch.has_text, dropped)
+                       itm_labels, matched, batch.has_text, dropped, views)
 
 
 def patch_targets(images: torch.Tensor, patch_size: int, kind: str = "pixels") -> torch.Tensor:
@@ -244,14 +252,17 @@ class ContrastiveHead(nn.Module):
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def view_embeddings(model: ItemModel, mb: MaskedBatch, rows: torch.Tensor, view: str) -> torch.Tensor:
+def view_embeddings(model: ItemModel, mb: MaskedBatch, rows: torch.Tensor, view: str,
+                    images: torch.Tensor | None = None) -> torch.Tensor:
     """Pooled embeddings of ``rows`` seen through one modality, built exactly as the encoder sees an
-    image-only product (``[CLS] [SEP]`` + clean patches) or a title-only one (clean tokens, no image)."""
+    image-only product (``[CLS] [SEP]`` + clean patches) or a title-only one (clean tokens, no image).
+    ``images`` (already the rows' own) replaces the batch's photos in the image view."""
     ids, text_mask = mb.original_ids()[rows], mb.text_mask[rows]
     if view == "image":
         sep = ids.gather(1, (text_mask.sum(1, keepdim=True) - 1).clamp(min=0))
         ids = torch.cat([ids[:, :1], sep], dim=1)
-        out = model(ids, torch.ones_like(ids, dtype=torch.bool), mb.images[rows], mb.has_image[rows], None)
+        pixels = mb.images[rows] if images is None else images
+        out = model(ids, torch.ones_like(ids, dtype=torch.bool), pixels, mb.has_image[rows], None)
     else:
         out = model(ids, text_mask, None, None, None)
     return model.pool(out)
@@ -280,6 +291,8 @@ class ItemObjectives(nn.Module):
             self.heads["global_mim"] = PatchHead(2 * h, h, d_target, eps)
         if w["contrastive"] > 0:
             self.heads["contrastive"] = ContrastiveHead()
+        if w["image_contrastive"] > 0:
+            self.heads["image_contrastive"] = ContrastiveHead()
 
     def global_word_logits(self, model: ItemModel, out: EncoderOutput, rows: torch.Tensor,
                            positions: torch.Tensor) -> torch.Tensor:
@@ -351,6 +364,12 @@ class ItemObjectives(nn.Module):
                 terms = [self.heads["contrastive"](view_embeddings(model, mb, rows, v), full)
                          for v in self.cfg.views]
                 losses["contrastive"] = sum(terms) / len(terms)
+
+        if "image_contrastive" in self.heads and mb.views is not None:
+            rows = mb.has_image
+            if int(rows.sum()) >= 2:
+                a, b = (view_embeddings(model, mb, rows, "image", mb.views[rows, i]) for i in (0, 1))
+                losses["image_contrastive"] = self.heads["image_contrastive"](a, b)
 
         total = sum((w[k] * v for k, v in losses.items() if k in w), torch.zeros(()))
         losses["loss"] = total

@@ -32,8 +32,8 @@ from .data import ProductArrays
 from .model import ItemModel
 from .objectives import ItemObjectives, MaskedBatch, mask_batch, special_token_ids
 
-LOSS_KEYS = ("loss", "itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive", "itm_acc", "title_from_image",
-             "image_from_image")
+LOSS_KEYS = ("loss", "itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive", "image_contrastive", "itm_acc",
+             "title_from_image", "image_from_image")
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> ItemModel:
