@@ -2,7 +2,7 @@
 # Pre-train ITEm and its ablations with one equal budget on both real catalogs (no labels).
 #   bash benchmarks/quality_runs.sh OUT_DIR [STEPS]
 # Budget: STEPS optimiser steps x batch 32 at 96 px / patch 16, 64 text tokens, bf16 autocast.
-# The contrastive run adds one short image-only forward pass per step (measured cost in RESULTS.md).
+# The contrastive runs add short image-only forward passes per step (measured cost in RESULTS.md).
 set -euo pipefail
 out=${1:?usage: quality_runs.sh OUT_DIR [STEPS]}
 steps=${2:-600}
@@ -29,6 +29,7 @@ declare -A weights=(
   [item-convcn-hog]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
   [item-convcn-lr10-s1]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
   [item-conv-lr10-s1]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
+  [item-convcn-ic]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,image_contrastive=1"
 )
 # The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1). Every run
 # before the conv stem existed pins the paper's linear patch projection (the stem is now the default).
@@ -54,12 +55,14 @@ declare -A flags=(
   # A second seed of the two conv stems: how far one seed moves the numbers compared here.
   [item-convcn-lr10-s1]="--new-lr-scale 10 --image-stem conv_channelnorm --seed 1"
   [item-conv-lr10-s1]="--new-lr-scale 10 --image-stem conv --seed 1"
+  # + SimCLR between two colour-jittered views of each photo, image only (two short extra passes)
+  [item-convcn-ic]="--new-lr-scale 10 --image-stem conv_channelnorm"
 )
 for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg \
             item-mit-lr10 item-all5g25-lr10 item-itm4-lr10 diag-itm-only \
             item-conv-lr10 item-conv-ctr-lr10 item-conv-td25 item-convcn-lr10 \
             item-conv-hog item-conv-hog-ctr item-conv-hog-td25m item-convcn-hog \
-            item-convcn-lr10-s1 item-conv-lr10-s1; do
+            item-convcn-lr10-s1 item-conv-lr10-s1 item-convcn-ic; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \

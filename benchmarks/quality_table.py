@@ -66,7 +66,8 @@ def run_rows(out: Path) -> list[list[object]]:
         train = cfg.get("train", {})
         obj = train.get("objectives", {})
         weights = ",".join(f"{k}={v:g}" for k, v in obj.items()
-                           if k in ("itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive") and v)
+                           if k in ("itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive", "image_contrastive")
+                           and v)
         if obj.get("contrastive"):
             # Runs from before the option existed moved the full embedding too.
             how = "full embedding fixed" if obj.get("contrastive_stop_grad", False) else "both ways"
@@ -85,7 +86,7 @@ def run_rows(out: Path) -> list[list[object]]:
             if lines:
                 last = json.loads(lines[-1])
         losses = ", ".join(f"{k} {last[k]:.3f}" for k in ("itm", "itm_acc", "mlm", "mim", "contrastive",
-                                                          "title_from_image", "image_from_image", "loss")
+                                                          "image_contrastive", "title_from_image", "image_from_image", "loss")
                            if k in last)
         rows.append([run.name, weights or "CLIP-style InfoNCE", last.get("step", "?") if last else "?",
                      train.get("batch_size", cfg.get("batch_size", "?")), stem,

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ObjectiveConfig
 from .augment import random_views
+from .config import ObjectiveConfig
 from .data import Batch
 from .images import patchify
 from .model import EncoderOutput, ItemModel
