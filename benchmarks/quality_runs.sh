@@ -30,6 +30,7 @@ declare -A weights=(
   [item-convcn-lr10-s1]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
   [item-conv-lr10-s1]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
   [item-convcn-ic]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,image_contrastive=1"
+  [item-convcn-icp]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,image_contrastive=1"
 )
 # The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1). Every run
 # before the conv stem existed pins the paper's linear patch projection (the stem is now the default).
@@ -57,12 +58,13 @@ declare -A flags=(
   [item-conv-lr10-s1]="--new-lr-scale 10 --image-stem conv --seed 1"
   # + SimCLR between two colour-jittered views of each photo, image only (two short extra passes)
   [item-convcn-ic]="--new-lr-scale 10 --image-stem conv_channelnorm"
+  [item-convcn-icp]="--new-lr-scale 10 --image-stem conv_channelnorm --image-contrastive-proj 128"  # SimCLR head
 )
 for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg \
             item-mit-lr10 item-all5g25-lr10 item-itm4-lr10 diag-itm-only \
             item-conv-lr10 item-conv-ctr-lr10 item-conv-td25 item-convcn-lr10 \
             item-conv-hog item-conv-hog-ctr item-conv-hog-td25m item-convcn-hog \
-            item-convcn-lr10-s1 item-conv-lr10-s1 item-convcn-ic; do
+            item-convcn-lr10-s1 item-conv-lr10-s1 item-convcn-ic item-convcn-icp; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \

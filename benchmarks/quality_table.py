@@ -72,6 +72,8 @@ def run_rows(out: Path) -> list[list[object]]:
             # Runs from before the option existed moved the full embedding too.
             how = "full embedding fixed" if obj.get("contrastive_stop_grad", False) else "both ways"
             weights += f" (views {obj.get('contrastive_views')}, {how})"
+        if obj.get("image_contrastive") and obj.get("image_contrastive_proj"):
+            weights += f" (projection {obj['image_contrastive_proj']})"
         if obj.get("title_dropout"):
             weights += f", title dropout {obj['title_dropout']:g}"
             if obj.get("title_dropout_mim"):

@@ -405,14 +405,17 @@ def test_image_contrastive_off_draws_nothing_and_on_adds_two_views_last():
     assert on.select(slice(2, 5)).views.shape[0] == 3
 
 
-def test_image_contrastive_term_tells_photos_apart_by_their_views(tiny):
-    """InfoNCE between the image-only embeddings of two views of each photo: near log(n) for a random
-    model, lower when the two views are the same picture than when they are different pictures;
-    rows without a photo take no part; the image side gets the gradient."""
+@pytest.mark.parametrize("proj", [0, 16])
+def test_image_contrastive_term_tells_photos_apart_by_their_views(tiny, proj):
+    """InfoNCE between the image-only embeddings of two views of each photo (optionally through a
+    projection MLP): near log(n) for a random model, lower when the two views are the same picture than
+    when they are different pictures; rows without a photo take no part; the image side gets the gradient."""
     model, _ = tiny
     model.train()
     obj = ItemObjectives(model, ObjectiveConfig(itm=0, mlm=0, mim=0, global_mlm=0, global_mim=0,
-                                                image_contrastive=1))
+                                                image_contrastive=1, image_contrastive_proj=proj))
+    head = obj.heads["image_contrastive"]
+    assert (head.proj is None) if proj == 0 else head.proj[-1].out_features == proj
     assert set(obj.heads) == {"image_contrastive"}
     batch = make_batch(b=8, text_only_rows=(3,))
     mb = mask_batch(batch, obj.cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
@@ -431,3 +434,8 @@ def test_image_contrastive_term_tells_photos_apart_by_their_views(tiny):
         same = torch.stack([batch.images, batch.images], dim=1)
         other = torch.stack([batch.images, batch.images.roll(1, dims=0)], dim=1)
         assert loss(same)["image_contrastive"] < loss(other)["image_contrastive"]
+
+
+def test_image_contrastive_projection_width_is_checked():
+    with pytest.raises(ValueError, match="image_contrastive_proj"):
+        ObjectiveConfig(image_contrastive=1, image_contrastive_proj=-1)

@@ -88,6 +88,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio, mim_target=a.mim_target,
                                  itm_negative_ratio=a.itm_negatives, title_dropout=a.title_dropout,
                                  title_dropout_mim=a.title_dropout_mim,
+                                 image_contrastive_proj=a.image_contrastive_proj,
                                  contrastive_views=a.contrastive_views,
                                  contrastive_stop_grad=not a.contrastive_both_ways)
     tcfg = TrainConfig(steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of products shown as image only; global MLM rebuilds their titles from [CLS]")
     t.add_argument("--title-dropout-mim", action="store_true",
                    help="title-dropped products also rebuild every patch's MIM target from [CLS] (global MIM)")
+    t.add_argument("--image-contrastive-proj", type=int, default=ObjectiveConfig.image_contrastive_proj,
+                   help="width of a SimCLR projection MLP for the image_contrastive term (0: none, the term "
+                        "works on the product embeddings themselves)")
     t.add_argument("--contrastive-views", default="image",
                    help="reduced views the contrastive term pulls towards the full product: image, title or "
                         "image,title (each costs one extra forward pass)")

@@ -153,6 +153,9 @@ class ObjectiveConfig:
     # views of each photo (augment.random_views: crop, flip, colour jitter with any hue, greyscale), so
     # the image side must tell products apart by what survives a change of colour.
     image_contrastive: float = 0.0
+    # Width of SimCLR's projection MLP for that term (0: InfoNCE on the product embeddings themselves).
+    # The head takes the view-specific geometry, so the embedding the product keeps is less bent by it.
+    image_contrastive_proj: int = 0
 
     WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive", "image_contrastive")
     VIEWS = ("image", "title")
@@ -180,6 +183,8 @@ class ObjectiveConfig:
             raise ValueError("title_dropout needs global_mlm > 0: it is the term that learns from those rows")
         if self.title_dropout_mim and not (self.title_dropout > 0 and self.global_mim > 0):
             raise ValueError("title_dropout_mim needs title_dropout > 0 and global_mim > 0")
+        if self.image_contrastive_proj < 0:
+            raise ValueError(f"image_contrastive_proj={self.image_contrastive_proj} must be >= 0")
         for name in ("mlm_prob", "mim_ratio", "itm_negative_ratio", "title_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:

@@ -240,13 +240,18 @@ class PatchHead(nn.Module):
 
 
 class ContrastiveHead(nn.Module):
-    """Symmetric in-batch InfoNCE between two L2-normalised views, with a learned temperature (CLIP)."""
+    """Symmetric in-batch InfoNCE between two L2-normalised views, with a learned temperature (CLIP).
+    With ``proj`` > 0 both views first go through one MLP projection to ``proj`` dims (SimCLR)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 0, proj: int = 0) -> None:
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.proj = (nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, proj))
+                     if proj > 0 else None)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.proj is not None:
+            a, b = (F.normalize(self.proj(x), dim=-1) for x in (a, b))
         logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * (a @ b.T)
         target = torch.arange(len(a), device=a.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -292,7 +297,7 @@ class ItemObjectives(nn.Module):
         if w["contrastive"] > 0:
             self.heads["contrastive"] = ContrastiveHead()
         if w["image_contrastive"] > 0:
-            self.heads["image_contrastive"] = ContrastiveHead()
+            self.heads["image_contrastive"] = ContrastiveHead(h, cfg.image_contrastive_proj)
 
     def global_word_logits(self, model: ItemModel, out: EncoderOutput, rows: torch.Tensor,
                            positions: torch.Tensor) -> torch.Tensor:
