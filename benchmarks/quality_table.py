@@ -152,8 +152,10 @@ def main() -> int:
             target_rows.append(row)
         target_tables.append(f"{budget} steps:\n\n" + C.markdown_table(
             ["target", "needed", *(duals or ["dual (not run)"]), *item_names], target_rows))
+    counts = sorted({int(r[2]) for r in runs if str(r[2]).isdigit()})
+    budgets = " and ".join(filter(None, [", ".join(f"{n:,}" for n in counts[:-1]), f"{counts[-1]:,}"])) if counts else "?"
     body = "\n\n".join([
-        "Training runs (two budgets, 600 and 3,000 steps; otherwise the same batch, image/patch size, text "
+        f"Training runs (budgets of {budgets} steps; otherwise the same batch, image/patch size, text "
         "length, precision and preprocessing cache for all; wall seconds are on the shared 2-core machine and "
         "swing with other jobs (some runs shared the cores with another run or an evaluation; a resumed run "
         "shows its last segment only), so the step count is the budget that is equal):",
@@ -172,7 +174,7 @@ def main() -> int:
         "### Targets of issue 7 (PASS = reaches the target and beats every dual encoder of the same budget)",
         *target_tables,
         "Commands (training: `bash benchmarks/quality_runs.sh /tmp/q 600` and "
-        "`bash benchmarks/quality_recipe.sh /tmp/q 3000`; machine: "
+        "`bash benchmarks/quality_recipe.sh /tmp/q 3000`, `bash benchmarks/quality_long.sh /tmp/q 8000`; machine: "
         + ", ".join(f"{k} {v}" for k, v in C.machine().items()) + "):\n\n"
         + "\n".join(f"    {c}" for c in commands),
     ])
