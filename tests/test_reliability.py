@@ -256,6 +256,43 @@ def test_index_accounts_for_every_embedding_row(embedded, tmp_path, capsys):
     assert not (tmp_path / "strict").exists()
 
 
+def test_index_update_skips_and_reports_bad_rows_and_keeps_the_build_report(embedded, tmp_path, capsys):
+    """`index-update --add` treats unusable rows as `index` does (skipped, named in a report saved in
+    the index folder; --strict refuses the update), and an update keeps the build's own report."""
+    from item_embed.cli_search import UPDATE_REPORT_FILE
+
+    frame, emb = read_embeddings(embedded)
+    d = emb.shape[1]
+    ids = frame["id"].tolist()
+    meta = {f"item_embed.{k}".encode(): v.encode() for k, v in read_embedding_metadata(embedded).items()}
+    first, rest = tmp_path / "first.parquet", tmp_path / "rest.parquet"
+    pq.write_table(pq.read_table(embedded).slice(0, 10), first)
+    add_ids = ids[10:20] + ["nan-row", "zero-row", ids[11]]
+    add_vec = [v.tolist() for v in emb[10:20]] + [[float("nan")] * d, [0.0] * d, emb[11].tolist()]
+    table = pa.table({"id": pa.array(add_ids, pa.string()),
+                      "embedding": pa.array(add_vec, pa.list_(pa.float32()))})
+    pq.write_table(table.replace_schema_metadata(meta), rest)
+    ix = tmp_path / "ix"
+    assert main(["index", str(first), "--out", str(ix)]) == 0
+    build_report = (ix / REPORT_FILE).read_text()
+
+    capsys.readouterr()
+    assert main(["index-update", str(ix), "--add", str(rest), "--strict"]) == 2
+    assert "row 10 " in capsys.readouterr().err
+    assert len(ProductIndex.load(ix)) == 10 and not (ix / UPDATE_REPORT_FILE).exists()
+
+    assert main(["index-update", str(ix), "--add", str(rest)]) == 0
+    out = capsys.readouterr().out
+    assert "13 rows in, 10 indexed, 3 reported" in out
+    index = ProductIndex.load(ix)
+    assert index.ids == ids[:20]
+    report = json.loads((ix / UPDATE_REPORT_FILE).read_text())
+    assert {p["row"]: p["id"] for p in report["problems"]} == {10: "nan-row", 11: "zero-row", 12: ids[11]}
+    assert (ix / REPORT_FILE).read_text() == build_report, "the update dropped the build's row report"
+    assert main(["index-update", str(ix), "--remove", ids[0]]) == 0
+    assert (ix / UPDATE_REPORT_FILE).is_file() and (ix / REPORT_FILE).read_text() == build_report
+
+
 def test_serve_binds_loopback_by_default():
     args = build_parser().parse_args(["serve", "--model", "m", "--index", "i"])
     assert args.host == "127.0.0.1"

@@ -12,7 +12,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .index import KINDS, REPORT_FILE, IndexLoadError, IndexReport, ProductIndex
+from .index import KINDS, REPORT_FILE, IndexLoadError, IndexReport, ProductIndex, read_embedding_rows
+
+UPDATE_REPORT_FILE = "update_report.json"  # the last `index-update --add`'s rows (REPORT_FILE: the build's)
 
 
 def _errors_exit_2(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -56,7 +58,7 @@ def cmd_index(a: argparse.Namespace) -> int:
 
 @_errors_exit_2
 def cmd_index_update(a: argparse.Namespace) -> int:
-    from .export import read_embedding_metadata, read_embeddings
+    from .export import read_embedding_metadata
 
     if not a.add and not a.remove:
         raise ValueError("nothing to do: give --add EMB.parquet and/or --remove ID ...")
@@ -64,16 +66,23 @@ def cmd_index_update(a: argparse.Namespace) -> int:
     before = len(index)
     if a.remove:
         index.remove(a.remove)
+    report = None
     if a.add:
         model_id = read_embedding_metadata(a.add).get("model_id")
         if model_id != index.model_id:
             raise ValueError(f"{a.add} was embedded by model {model_id}, the index by {index.model_id}: "
                              "re-embed it with the index's model, or rebuild the index")
-        frame, emb = read_embeddings(a.add)
+        # Unusable rows are skipped and reported, as when the index was built (--strict: refused).
+        frame, emb, report = read_embedding_rows(a.add, strict=a.strict, report=IndexReport())
+        report.check_accounting()
         index.add(frame["id"], emb, frame.drop(columns=["id"]))
-    index.save(a.index)
+    # The report of this update goes into the folder in the same atomic swap as the index it changed.
+    index.save(a.index, extra_files={UPDATE_REPORT_FILE: report.to_json()} if report else None)
     removed = len(a.remove or [])
     print(f"removed {removed}, added {len(index) - before + removed}: {len(index)} products in {a.index}")
+    if report is not None:
+        print(report.summary())
+        print(f"row report: {Path(a.index) / UPDATE_REPORT_FILE}")
     tombstones = len(index.manifest.get("tombstones", []))
     if tombstones > 0.2 * max(len(index), 1):
         print(f"note: {tombstones} removed products still sit in the HNSW graph; rebuild with `item-embed index` "
@@ -189,7 +198,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Removals are applied before additions, so `--remove X --add new.parquet` "
                                    "replaces product X. The index is saved back atomically.")
     u.add_argument("index", help="index folder from `item-embed index`")
-    u.add_argument("--add", metavar="EMB.parquet", help="embedding file (same model) of products to add")
+    u.add_argument("--add", metavar="EMB.parquet",
+                   help="embedding file (same model) of products to add; unusable rows are skipped and "
+                        f"reported (printed and written to INDEX/{UPDATE_REPORT_FILE})")
+    u.add_argument("--strict", action="store_true",
+                   help="refuse the whole update at the first unusable row of --add instead of skipping it")
     u.add_argument("--remove", nargs="+", metavar="ID", help="ids of products to remove")
     u.set_defaults(func=cmd_index_update)
 

@@ -595,6 +595,7 @@ class ProductIndex:
         """Write the index to ``directory`` atomically: a temporary folder, fsynced, then renamed into place.
 
         extra_files: name -> text written alongside (e.g. the build's row report), in the same swap.
+        Overwriting an index keeps the files already beside it (its reports) unless ``extra_files`` replaces them.
         """
         target = Path(directory)
         is_index = (target / MANIFEST_FILE).is_file()
@@ -617,7 +618,13 @@ class ProductIndex:
                 if Path(name).name != name or name in (*DATA_FILES, MANIFEST_FILE):
                     raise ValueError(f"extra file name {name!r} is not a plain, free file name")
                 (tmp / name).write_text(text, encoding="utf-8")
-            for name in (*DATA_FILES, MANIFEST_FILE, *extra):
+            kept = []
+            if is_index:  # e.g. the build's row report survives an update
+                for f in target.iterdir():
+                    if f.is_file() and f.name not in (*DATA_FILES, MANIFEST_FILE, *extra):
+                        shutil.copy2(f, tmp / f.name)
+                        kept.append(f.name)
+            for name in (*DATA_FILES, MANIFEST_FILE, *extra, *kept):
                 fsync_path(tmp / name)
             fsync_path(tmp)
             self._swap_into_place(tmp, target)
