@@ -426,11 +426,17 @@ def test_image_contrastive_term_tells_photos_apart_by_their_views(tiny, proj):
 
     losses = loss(mb.views)
     assert abs(losses["image_contrastive"].item() - np.log(7)) < 0.7
+    noisy = mb.views.clone()
+    noisy[3] = torch.randint(0, 256, noisy[3].shape, dtype=torch.uint8)
+    model.eval()
+    with torch.no_grad():  # the row without a photo takes no part: its views change nothing
+        assert loss(noisy)["image_contrastive"] == loss(mb.views)["image_contrastive"]
+    model.train()
     losses["loss"].backward()
     assert model.patch_embed.weight.grad.abs().sum() > 0
     assert obj.heads["image_contrastive"].logit_scale.grad is not None
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # (the InfoNCE itself: matching views score above mismatched ones)
         same = torch.stack([batch.images, batch.images], dim=1)
         other = torch.stack([batch.images, batch.images.roll(1, dims=0)], dim=1)
         assert loss(same)["image_contrastive"] < loss(other)["image_contrastive"]
@@ -439,3 +445,23 @@ def test_image_contrastive_term_tells_photos_apart_by_their_views(tiny, proj):
 def test_image_contrastive_projection_width_is_checked():
     with pytest.raises(ValueError, match="image_contrastive_proj"):
         ObjectiveConfig(image_contrastive=1, image_contrastive_proj=-1)
+    with pytest.raises(ValueError, match="image_contrastive_proj"):
+        ObjectiveConfig(image_contrastive_proj=128)
+
+
+def test_image_view_of_a_title_dropped_row_is_an_image_only_product(tiny):
+    """With title dropout on, the image view of every row (dropped or not) is [CLS] [SEP] + the photo,
+    exactly as an image-only query is encoded: no title word slips in where [SEP] goes."""
+    from item_embed.objectives import view_embeddings
+
+    model, _ = tiny
+    batch = make_batch(b=8)
+    cfg = ObjectiveConfig(title_dropout=0.5, image_contrastive=1)
+    mb = mask_batch(batch, cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
+    assert mb.title_dropped.any() and (~mb.title_dropped).any()
+    rows = torch.ones(8, dtype=torch.bool)
+    with torch.no_grad():
+        got = view_embeddings(model, mb, rows, "image", mb.views[:, 0])
+        as_image_only = make_batch(b=8, image_only_rows=range(8))
+        ref = model.pool(model(as_image_only.input_ids, as_image_only.text_mask, mb.views[:, 0], batch.has_image))
+    assert torch.allclose(got, ref, atol=1e-5)

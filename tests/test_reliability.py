@@ -292,6 +292,45 @@ def test_index_update_skips_and_reports_bad_rows_and_keeps_the_build_report(embe
     assert main(["index-update", str(ix), "--remove", ids[0]]) == 0
     assert (ix / UPDATE_REPORT_FILE).is_file() and (ix / REPORT_FILE).read_text() == build_report
 
+    # Nothing usable to add is an error, as for `index`; the index is left as it was.
+    bad_only = tmp_path / "bad-only.parquet"
+    pq.write_table(table.slice(10, 2).replace_schema_metadata(meta), bad_only)
+    capsys.readouterr()
+    assert main(["index-update", str(ix), "--add", str(bad_only)]) == 2
+    assert "no usable rows" in capsys.readouterr().err and len(ProductIndex.load(ix)) == 19
+
+    # A rebuild over the folder is a new index: the old update report does not survive it.
+    assert main(["index", str(first), "--out", str(ix)]) == 0
+    assert not (ix / UPDATE_REPORT_FILE).exists() and (ix / REPORT_FILE).is_file()
+
+
+def test_index_and_index_update_read_a_sharded_embedding_folder(embedded, tmp_path):
+    """`embed` under torchrun writes a folder of checksummed parts: `index` and `index-update --add`
+    read it as one file (and a part that fails its checksum is refused)."""
+    from item_embed.checkpoint import sha256_file
+
+    frame, _ = read_embeddings(embedded)
+    ids = frame["id"].tolist()
+    table = pq.read_table(embedded)
+    shards = []
+    for name, (start, stop) in {"a": (0, 10), "b": (10, 16)}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        parts = []
+        for k, (lo, hi) in enumerate(((start, start + 3), (start + 3, stop))):
+            f = folder / f"part-{k:05d}.parquet"
+            pq.write_table(table.slice(lo, hi - lo), f)
+            parts.append({"file": f.name, "sha256": sha256_file(f)})
+        (folder / "manifest.json").write_text(json.dumps({"parts": parts}))
+        shards.append(folder)
+    ix = tmp_path / "ix"
+    assert main(["index", str(shards[0]), "--out", str(ix)]) == 0
+    assert main(["index-update", str(ix), "--add", str(shards[1])]) == 0
+    assert ProductIndex.load(ix).ids == ids[:16]
+    (shards[1] / "part-00001.parquet").write_bytes(b"damaged")
+    assert main(["index-update", str(ix), "--remove", ids[0], "--add", str(shards[1])]) == 2
+    assert len(ProductIndex.load(ix)) == 16
+
 
 def test_serve_binds_loopback_by_default():
     args = build_parser().parse_args(["serve", "--model", "m", "--index", "i"])

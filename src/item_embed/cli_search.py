@@ -75,9 +75,14 @@ def cmd_index_update(a: argparse.Namespace) -> int:
         # Unusable rows are skipped and reported, as when the index was built (--strict: refused).
         frame, emb, report = read_embedding_rows(a.add, strict=a.strict, report=IndexReport())
         report.check_accounting()
+        if not len(frame):
+            raise ValueError(f"no usable rows in {a.add}: all {report.rows_in} were reported\n{report.summary()}")
         index.add(frame["id"], emb, frame.drop(columns=["id"]))
-    # The report of this update goes into the folder in the same atomic swap as the index it changed.
-    index.save(a.index, extra_files={UPDATE_REPORT_FILE: report.to_json()} if report else None)
+    # This update's report goes into the folder in the same atomic swap as the index it changed; the
+    # build's report (and the last update's, when nothing is added) stays.
+    extra = {UPDATE_REPORT_FILE: report.to_json()} if report is not None else None
+    index.save(a.index, extra_files=extra, keep_files=[n for n in (REPORT_FILE, UPDATE_REPORT_FILE)
+                                                       if report is None or n != UPDATE_REPORT_FILE])
     removed = len(a.remove or [])
     print(f"removed {removed}, added {len(index) - before + removed}: {len(index)} products in {a.index}")
     if report is not None:

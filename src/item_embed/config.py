@@ -185,6 +185,8 @@ class ObjectiveConfig:
             raise ValueError("title_dropout_mim needs title_dropout > 0 and global_mim > 0")
         if self.image_contrastive_proj < 0:
             raise ValueError(f"image_contrastive_proj={self.image_contrastive_proj} must be >= 0")
+        if self.image_contrastive_proj and not self.image_contrastive:
+            raise ValueError("image_contrastive_proj needs image_contrastive > 0: it is that term's head")
         for name in ("mlm_prob", "mim_ratio", "itm_negative_ratio", "title_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:

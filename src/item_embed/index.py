@@ -149,11 +149,12 @@ def read_embedding_rows(path: str | Path, strict: bool = False,
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from .export import EMBEDDING, read_embedding_metadata
+    from .export import EMBEDDING, _part_files, read_embedding_metadata
 
     report = report if report is not None else IndexReport()
     report.source = str(path)
-    table = pq.read_table(path)
+    # A sharded `embed` output (a folder of checksummed parts) reads as one table: rows count across parts.
+    table = pa.concat_tables([pq.read_table(f) for f in _part_files(Path(path))])
     if EMBEDDING not in table.column_names:
         raise ValueError(f"{path} has no {EMBEDDING!r} column: not an item-embed embedding file")
     if "id" not in table.column_names:
@@ -591,11 +592,13 @@ class ProductIndex:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, directory: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    def save(self, directory: str | Path, extra_files: dict[str, str] | None = None,
+             keep_files: Sequence[str] = ()) -> Path:
         """Write the index to ``directory`` atomically: a temporary folder, fsynced, then renamed into place.
 
         extra_files: name -> text written alongside (e.g. the build's row report), in the same swap.
-        Overwriting an index keeps the files already beside it (its reports) unless ``extra_files`` replaces them.
+        keep_files: names of plain files beside the index being overwritten to carry into the new folder
+        (an update keeps the build's report); anything else of the old folder goes with it.
         """
         target = Path(directory)
         is_index = (target / MANIFEST_FILE).is_file()
@@ -619,11 +622,13 @@ class ProductIndex:
                     raise ValueError(f"extra file name {name!r} is not a plain, free file name")
                 (tmp / name).write_text(text, encoding="utf-8")
             kept = []
-            if is_index:  # e.g. the build's row report survives an update
-                for f in target.iterdir():
-                    if f.is_file() and f.name not in (*DATA_FILES, MANIFEST_FILE, *extra):
-                        shutil.copy2(f, tmp / f.name)
-                        kept.append(f.name)
+            for name in keep_files if is_index else ():
+                f = target / name
+                if name in (*DATA_FILES, MANIFEST_FILE, *extra) or Path(name).name != name:
+                    raise ValueError(f"keep file name {name!r} is not a free file name")
+                if f.is_file() and not f.is_symlink():
+                    shutil.copy2(f, tmp / name)
+                    kept.append(name)
             for name in (*DATA_FILES, MANIFEST_FILE, *extra, *kept):
                 fsync_path(tmp / name)
             fsync_path(tmp)

@@ -252,7 +252,9 @@ class ContrastiveHead(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.proj is not None:
             a, b = (F.normalize(self.proj(x), dim=-1) for x in (a, b))
-        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * (a @ b.T)
+        # fp32 similarities: under bf16 autocast a cosine is rounded to ~0.004, times a scale up to 100.
+        with torch.autocast(a.device.type, enabled=False):
+            logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * (a.float() @ b.float().T)
         target = torch.arange(len(a), device=a.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
@@ -262,14 +264,16 @@ def view_embeddings(model: ItemModel, mb: MaskedBatch, rows: torch.Tensor, view:
     """Pooled embeddings of ``rows`` seen through one modality, built exactly as the encoder sees an
     image-only product (``[CLS] [SEP]`` + clean patches) or a title-only one (clean tokens, no image).
     ``images`` (already the rows' own) replaces the batch's photos in the image view."""
-    ids, text_mask = mb.original_ids()[rows], mb.text_mask[rows]
     if view == "image":
+        # [CLS] and [SEP] from the masked ids: specials are never masked, and a title-dropped row's
+        # ids are already [CLS] [SEP] (its original ids would put a title word where [SEP] goes).
+        ids, text_mask = mb.input_ids[rows], mb.text_mask[rows]
         sep = ids.gather(1, (text_mask.sum(1, keepdim=True) - 1).clamp(min=0))
         ids = torch.cat([ids[:, :1], sep], dim=1)
         pixels = mb.images[rows] if images is None else images
         out = model(ids, torch.ones_like(ids, dtype=torch.bool), pixels, mb.has_image[rows], None)
     else:
-        out = model(ids, text_mask, None, None, None)
+        out = model(mb.original_ids()[rows], mb.text_mask[rows], None, None, None)
     return model.pool(out)
 
 
