@@ -46,6 +46,11 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
 
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB -> (B, 1, H, W) luminance (BT.601)."""
+    return torch.einsum("c,bchw->bhw", _LUMA, x).unsqueeze(1)
+
+
 def _crop_flip(x: torch.Tensor, policy: ViewPolicy, g: torch.Generator) -> torch.Tensor:
     """x: float (B, 3, S, S). One bilinear resampling per image of a random crop, maybe mirrored."""
     b = x.shape[0]
@@ -76,11 +81,11 @@ def _colour(x: torch.Tensor, policy: ViewPolicy, g: torch.Generator) -> torch.Te
         f = _uniform(b, 1 - strength, 1 + strength, g).view(b, 1, 1, 1)
         return on * f + (1 - on)  # images without jitter keep factor 1
 
-    luma = lambda t: torch.einsum("c,bchw->bhw", _LUMA, t).unsqueeze(1)  # noqa: E731
     x = (x * factor(policy.brightness)).clamp(0, 1)
-    mean = luma(x).mean(dim=(2, 3), keepdim=True)
+    mean = _luma(x).mean(dim=(2, 3), keepdim=True)
     x = ((x - mean) * factor(policy.contrast) + mean).clamp(0, 1)
-    x = ((x - luma(x)) * factor(policy.saturation) + luma(x)).clamp(0, 1)
+    y = _luma(x)
+    x = ((x - y) * factor(policy.saturation) + y).clamp(0, 1)
     angle = _uniform(b, -policy.hue, policy.hue, g) * 2 * math.pi * on.view(b)
     cos, sin = angle.cos(), angle.sin()
     rot = torch.zeros(b, 3, 3)
@@ -89,7 +94,7 @@ def _colour(x: torch.Tensor, policy: ViewPolicy, g: torch.Generator) -> torch.Te
     m = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ  # (B, 3, 3)
     x = torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
     grey = (torch.rand(b, generator=g) < policy.grey).view(b, 1, 1, 1)
-    return torch.where(grey, luma(x).expand_as(x), x)
+    return torch.where(grey, _luma(x).expand_as(x), x)
 
 
 def random_views(images: torch.Tensor, g: torch.Generator, policy: ViewPolicy = ViewPolicy()) -> torch.Tensor:

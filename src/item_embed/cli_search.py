@@ -12,9 +12,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .index import KINDS, REPORT_FILE, IndexLoadError, IndexReport, ProductIndex, read_embedding_rows
-
-UPDATE_REPORT_FILE = "update_report.json"  # the last `index-update --add`'s rows (REPORT_FILE: the build's)
+from .index import (KINDS, REPORT_FILE, UPDATE_REPORT_FILE, IndexLoadError, IndexReport, ProductIndex,
+                    read_embedding_rows)
 
 
 def _errors_exit_2(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -80,9 +79,10 @@ def cmd_index_update(a: argparse.Namespace) -> int:
         index.add(frame["id"], emb, frame.drop(columns=["id"]))
     # This update's report goes into the folder in the same atomic swap as the index it changed; the
     # build's report (and the last update's, when nothing is added) stays.
-    extra = {UPDATE_REPORT_FILE: report.to_json()} if report is not None else None
-    index.save(a.index, extra_files=extra, keep_files=[n for n in (REPORT_FILE, UPDATE_REPORT_FILE)
-                                                       if report is None or n != UPDATE_REPORT_FILE])
+    if report is None:
+        index.save(a.index, keep_files=(REPORT_FILE, UPDATE_REPORT_FILE))
+    else:
+        index.save(a.index, extra_files={UPDATE_REPORT_FILE: report.to_json()}, keep_files=(REPORT_FILE,))
     removed = len(a.remove or [])
     print(f"removed {removed}, added {len(index) - before + removed}: {len(index)} products in {a.index}")
     if report is not None:

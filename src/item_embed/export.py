@@ -117,7 +117,7 @@ def embed_catalog_distributed(catalog: Catalog, encoder: ItemEncoder, out_dir: s
     return merged
 
 
-def _part_files(path: Path) -> list[Path]:
+def part_files(path: Path) -> list[Path]:
     """The Parquet files of an embedding output: the file itself, or a sharded folder's parts."""
     if not path.is_dir():
         return [path]
@@ -141,14 +141,14 @@ def _part_files(path: Path) -> list[Path]:
 
 def read_embedding_metadata(path: str | Path) -> dict[str, str]:
     """The ``item_embed.*`` metadata of an embedding file (model_id, config_hash, dim, catalog, image_root)."""
-    meta = pq.read_schema(_part_files(Path(path))[0]).metadata or {}
+    meta = pq.read_schema(part_files(Path(path))[0]).metadata or {}
     prefix = b"item_embed."
     return {k[len(prefix):].decode(): v.decode() for k, v in meta.items() if k.startswith(prefix)}
 
 
 def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     """(columns other than the embedding, float32 (n, d) embeddings) of an embedding file or sharded folder."""
-    table = pa.concat_tables([pq.read_table(f) for f in _part_files(Path(path))])
+    table = pa.concat_tables([pq.read_table(f) for f in part_files(Path(path))])
     if EMBEDDING not in table.column_names:
         raise ValueError(f"{path} has no {EMBEDDING!r} column: not an item-embed embedding file")
     col = table.column(EMBEDDING).combine_chunks()

@@ -42,6 +42,7 @@ IDS_FILE = "ids.parquet"
 METADATA_FILE = "metadata.parquet"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "index_report.json"
+UPDATE_REPORT_FILE = "update_report.json"  # the last `index-update --add`'s rows (REPORT_FILE: the build's)
 DATA_FILES = (INDEX_FILE, IDS_FILE, METADATA_FILE)
 KINDS = ("flat", "hnsw", "ivf")
 RECALL_K = 10
@@ -149,12 +150,12 @@ def read_embedding_rows(path: str | Path, strict: bool = False,
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from .export import EMBEDDING, _part_files, read_embedding_metadata
+    from .export import EMBEDDING, part_files, read_embedding_metadata
 
     report = report if report is not None else IndexReport()
     report.source = str(path)
     # A sharded `embed` output (a folder of checksummed parts) reads as one table: rows count across parts.
-    table = pa.concat_tables([pq.read_table(f) for f in _part_files(Path(path))])
+    table = pa.concat_tables([pq.read_table(f) for f in part_files(Path(path))])
     if EMBEDDING not in table.column_names:
         raise ValueError(f"{path} has no {EMBEDDING!r} column: not an item-embed embedding file")
     if "id" not in table.column_names:
