@@ -45,7 +45,9 @@ def baselines(products):
 def test_make_baselines_shares_fusion_parts_and_rejects_unknown():
     feats = {f.name: f for f in make_baselines(DEFAULT_BASELINES)}
     assert list(feats) == ["tfidf", "minilm", "pixels16", "phash", "fusion"]
-    assert feats["fusion"].text is feats["minilm"] and feats["fusion"].pixels is feats["pixels16"]
+    assert feats["fusion"].text is feats["minilm"] and feats["fusion"].image is feats["pixels16"]
+    feats = {f.name: f for f in make_baselines(["hog", "fusion_hog", "minilm"])}
+    assert feats["fusion_hog"].text is feats["minilm"] and feats["fusion_hog"].image is feats["hog"]
     with pytest.raises(ValueError, match="clip"):
         make_baselines(["tfidf", "clip"])
 
@@ -128,6 +130,14 @@ def test_fusion_is_minilm_and_half_pixels(products, baselines):
     p = baselines["pixels16"].embed(products, "joint")
     expected = np.hstack([t, 0.5 * p]) / np.sqrt(1 + 0.25)
     np.testing.assert_allclose(baselines["fusion"].embed(products, "joint"), expected, atol=1e-5)
+
+
+def test_fusion_hog_is_minilm_and_half_hog(products, baselines):
+    for mode in ("joint", "image"):  # image mode: blank text beside the photo's HOG
+        t = baselines["minilm"].embed(products, mode)
+        h = baselines["hog"].embed(products, mode)
+        expected = np.hstack([t, 0.5 * h]) / np.sqrt(1 + 0.25)
+        np.testing.assert_allclose(baselines["fusion_hog"].embed(products, mode), expected, atol=1e-5)
 
 
 def test_minilm_without_sentence_transformers_gives_the_same_vectors():

@@ -232,14 +232,15 @@ def test_the_harness_evaluates_the_dual_encoder(dual_run, tiny_catalog):
     assert 0.0 <= result["probe"]["category"]["linear"]["accuracy"] <= 1.0
 
 
-def test_conv_stem_dual_trains_and_reloads(tiny_catalog, square_data, tmp_path):
-    """--image-stem conv gives the image tower ITEm's conv stem; the choice travels with the model."""
+@pytest.mark.parametrize("stem", ["conv", "hog"])
+def test_stem_dual_trains_and_reloads(tiny_catalog, square_data, tmp_path, stem):
+    """--image-stem gives the image tower ITEm's stem of that name; the choice travels with the model."""
     from item_embed.cli import main
 
     assert main(["train-dual", str(tiny_catalog), "--out", str(tmp_path / "c"), "--preset", "tiny", "--steps", "2",
-                 "--batch-size", "4", "--precision", "fp32", "--no-progress", "--image-stem", "conv"]) == 0
+                 "--batch-size", "4", "--precision", "fp32", "--no-progress", "--image-stem", stem]) == 0
     weights = load_file(str(tmp_path / "c" / "model.safetensors"))
-    assert any(k.startswith("image.conv_stem.") for k in weights) and "image.patch_embed.weight" not in weights
+    assert any(k.startswith(f"image.{stem}_stem.") for k in weights) and "image.patch_embed.weight" not in weights
     products, _ = square_data
     emb = DualEncoder.from_pretrained(tmp_path / "c", device="cpu").embed(products[:4], "image")
     assert emb.shape[0] == 4 and np.isfinite(emb).all()

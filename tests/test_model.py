@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from item_embed.config import ModelConfig, model_config_for
+from item_embed.config import IMAGE_STEMS, ModelConfig, model_config_for
 from item_embed.data import load_tokenizer, tokenize
 from item_embed.encode import ItemEncoder
 from item_embed.model import ItemModel, minilm_model_config, minilm_path
@@ -77,18 +77,24 @@ def test_cls_pooling_is_first_token(encoder):
     assert torch.allclose(v, torch.nn.functional.normalize(out.hidden[:, 0], dim=-1))
 
 
-def test_conv_stem_shapes_and_config_checks():
-    model = ItemModel(model_config_for("tiny", image_stem="conv"))
+@pytest.mark.parametrize("stem, prefix", [("conv", "conv_stem."), ("hog", "hog_stem.")])
+def test_stem_shapes_and_config_checks(stem, prefix):
+    model = ItemModel(model_config_for("tiny", image_stem=stem))
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     assert model.project_patches(images, None).shape == (2, model.cfg.num_patches, model.cfg.hidden_size)
     assert not hasattr(model, "patch_embed")
+    stems = {k.split(".")[0] for k in model.state_dict() if k.endswith("_stem") or "_stem." in k}
+    assert stems == {prefix[:-1]}
     with pytest.raises(ValueError, match="power of two"):
         model_config_for("tiny", image_size=36, patch_size=12, image_stem="conv")
+    model_config_for("tiny", image_size=36, patch_size=12, image_stem="hog")  # HOG only needs 2x2 cells
+    with pytest.raises(ValueError, match="even"):
+        model_config_for("tiny", image_size=35, patch_size=7, image_stem="hog")
     with pytest.raises(ValueError, match="image_stem"):
         model_config_for("tiny", image_stem="cnn")
 
 
-@pytest.mark.parametrize("stem", ["linear", "conv", "conv_channelnorm"])
+@pytest.mark.parametrize("stem", IMAGE_STEMS)
 def test_masked_patch_pixels_reach_no_output(stem):
     """MIM must not be solvable by peeking: with a patch masked, its pixels change nothing the
     model outputs (the conv stem sees across patch borders, so it must blank them first)."""
@@ -108,14 +114,15 @@ def test_masked_patch_pixels_reach_no_output(stem):
     assert not torch.allclose(a, c)  # unmasked, the same change does show
 
 
-def test_conv_stem_model_saves_and_reloads(tmp_path):
+@pytest.mark.parametrize("stem", ["conv", "hog"])
+def test_stem_model_saves_and_reloads(tmp_path, stem):
     from item_embed.checkpoint import save_model
 
     torch.manual_seed(0)
-    model = ItemModel(model_config_for("tiny", image_stem="conv"))
+    model = ItemModel(model_config_for("tiny", image_stem=stem))
     save_model(tmp_path / "run", model, load_tokenizer())
     again = ItemEncoder.from_pretrained(tmp_path / "run", device="cpu")
-    assert again.cfg.image_stem == "conv"
+    assert again.cfg.image_stem == stem
     recs = [{"title": "blue mug", "image": _img(0)}, {"image": _img(1)}]
     before = ItemEncoder(model, load_tokenizer(), device="cpu").encode(recs)
     assert np.abs(again.encode(recs) - before).max() < 1e-6
@@ -128,6 +135,24 @@ def test_linear_stem_keeps_the_config_hash_of_earlier_models():
     del old["image_stem"]
     assert ModelConfig.from_dict(old).config_hash() == cfg.config_hash() == "acaa99986d0b2932"
     assert model_config_for("tiny", image_stem="conv").config_hash() != cfg.config_hash()
+
+
+def test_hog_stem_sees_edges_and_colour():
+    """The HOG stem's input is each patch's edge directions and its mean colour: a stripe turned
+    90 degrees changes the patch's vector, and so does recolouring it without moving an edge; the
+    other patches, which the stripe's gradients do not reach, stay as they were."""
+    torch.manual_seed(0)
+    model = ItemModel(model_config_for("tiny", image_stem="hog")).eval()
+    base = torch.full((1, 32, 32, 3), 230, dtype=torch.uint8)
+    vertical, horizontal, recoloured = base.clone(), base.clone(), base.clone()
+    vertical[:, 1:7, 3:5] = 20  # inside the first 8-px patch, a pixel clear of its borders
+    horizontal[:, 3:5, 1:7] = 20
+    recoloured[:, 1:7, 3:5] = torch.tensor([200, 20, 20], dtype=torch.uint8)
+    with torch.no_grad():
+        v, h, r = (model.project_patches(x, None) for x in (vertical, horizontal, recoloured))
+        flat = model.project_patches(base, None)
+    assert not torch.allclose(v[0, 0], h[0, 0]) and not torch.allclose(v[0, 0], r[0, 0])
+    assert torch.equal(v[0, 1:], flat[0, 1:]) and torch.equal(h[0, 1:], flat[0, 1:])
 
 
 def test_channel_norm_stem_keeps_far_patches_apart():

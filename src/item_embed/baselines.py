@@ -8,6 +8,8 @@
 - ``phash``: 64-bit perceptual hash (``imagehash.phash``) of the raw photo, as a +-1 vector: the
   cosine of two such vectors is ``1 - 2 * hamming / 64``, so cosine ranking is Hamming ranking.
 - ``fusion``: ``[minilm(text), 0.5 * pixels16 / ||pixels16||]``, L2-normalised.
+- ``fusion_hog`` (ours, off by default): the same late fusion with ``hog`` in place of pixels16. Not a
+  reference number: it shows what one embedding with a title part and a colour-free shape part can do.
 - ``hog`` (ours, not in BENCHMARKS.md, off by default): histograms of oriented gradients of the photo's
   luminance at 96 px, exactly the target ``--mim-target hog`` asks ITEm to rebuild
   (``objectives.patch_hog``: 16-px blocks of 2x2 cells, 9 orientations), mean-centred over the catalog.
@@ -31,7 +33,7 @@ import numpy as np
 
 from .evaluate import CachedFeaturizer, RawProducts, l2_normalise
 
-BASELINES = ("tfidf", "minilm", "minilm_title", "pixels16", "phash", "fusion", "hog")
+BASELINES = ("tfidf", "minilm", "minilm_title", "pixels16", "phash", "fusion", "hog", "fusion_hog")
 DEFAULT_BASELINES = ("tfidf", "minilm", "pixels16", "phash", "fusion")
 
 TFIDF_DIM = 256
@@ -168,6 +170,10 @@ class Pixels16Baseline(CachedFeaturizer):
         self.pca = None
         self._thumbs: dict[int, np.ndarray] = {}
 
+    @property
+    def fitted(self) -> bool:
+        return self.pca is not None
+
     def _thumbnails(self, products: RawProducts) -> np.ndarray:
         if products.key not in self._thumbs:
             self._thumbs[products.key] = np.stack(products.map_images(_thumbnail)) / 255.0  # (n, 768)
@@ -222,7 +228,7 @@ def _hog(im) -> np.ndarray:
     import torch
     from PIL import Image
 
-    from .objectives import patch_hog
+    from .images import patch_hog
 
     if im is None:
         im = Image.new("RGB", (HOG_SIDE, HOG_SIDE), (255, 255, 255))
@@ -240,6 +246,10 @@ class HogBaseline(CachedFeaturizer):
         self.name = "hog"
         self.mean: np.ndarray | None = None
         self._raw: dict[int, np.ndarray] = {}
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean is not None
 
     def _hogs(self, products: RawProducts) -> np.ndarray:
         if products.key not in self._raw:
@@ -259,37 +269,40 @@ class HogBaseline(CachedFeaturizer):
 
 
 class FusionBaseline(CachedFeaturizer):
-    """``[minilm(text), 0.5 * pixels16 / ||pixels16||]``, L2-normalised (naive late fusion)."""
+    """``[minilm(text), weight * image / ||image||]``, L2-normalised (naive late fusion); the image
+    part is pixels16 (``fusion``) or hog (``fusion_hog``)."""
 
     modalities = frozenset({"text", "image"})
 
-    def __init__(self, text: MiniLMBaseline, pixels: Pixels16Baseline, weight: float = FUSION_PIXEL_WEIGHT) -> None:
+    def __init__(self, text: MiniLMBaseline, image: "Pixels16Baseline | HogBaseline",
+                 weight: float = FUSION_PIXEL_WEIGHT, name: str = "fusion") -> None:
         super().__init__()
-        self.name = "fusion"
+        self.name = name
         self.text = text
-        self.pixels = pixels
+        self.image = image
         self.weight = weight
 
     def fit(self, products: RawProducts) -> "FusionBaseline":
-        if self.pixels.pca is None:
-            self.pixels.fit(products)
+        if not self.image.fitted:
+            self.image.fit(products)
         return self
 
     def _embed(self, products: RawProducts, mode: str) -> np.ndarray:
         t = self.text.embed(products, mode)  # image mode: blank text
-        p = self.pixels.embed(products, mode)  # title mode: blank picture; already unit rows
+        p = self.image.embed(products, mode)  # title mode: blank picture; already unit rows
         return l2_normalise(np.hstack([t, self.weight * p]))
 
 
 def make_baselines(names: Sequence[str] = DEFAULT_BASELINES, batch_size: int = 64,
                    device: str | None = None) -> list[CachedFeaturizer]:
-    """Baseline featurizers by name (see ``BASELINES``); fusion shares minilm's and pixels16's
-    instances, so their embeddings are computed once."""
+    """Baseline featurizers by name (see ``BASELINES``); the fusions share minilm's, pixels16's and
+    hog's instances, so their embeddings are computed once."""
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(unknown)} (choose from {', '.join(BASELINES)})")
     minilm = MiniLMBaseline(batch_size=batch_size, device=device)
     pixels = Pixels16Baseline()
+    hog = HogBaseline()
     build = {
         "tfidf": TfidfBaseline,
         "minilm": lambda: minilm,
@@ -297,6 +310,7 @@ def make_baselines(names: Sequence[str] = DEFAULT_BASELINES, batch_size: int = 6
         "pixels16": lambda: pixels,
         "phash": PHashBaseline,
         "fusion": lambda: FusionBaseline(minilm, pixels),
-        "hog": HogBaseline,
+        "hog": lambda: hog,
+        "fusion_hog": lambda: FusionBaseline(minilm, hog, name="fusion_hog"),
     }
     return [build[n]() for n in dict.fromkeys(names)]

@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pooling", choices=["cls", "mean"])
     t.add_argument("--image-stem", choices=list(IMAGE_STEMS), default=RECIPE_IMAGE_STEM,
                    help="patch pixels -> embeddings: early convolutions with per-pixel channel norm "
-                        "(conv_channelnorm, default) or GroupNorm (conv), or ITEm's linear projection (linear)")
+                        "(conv_channelnorm, default) or GroupNorm (conv), ITEm's linear projection (linear), or "
+                        "each patch's HOG and mean colour through an MLP (hog)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
     t.add_argument("--new-lr-scale", type=float,
@@ -384,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-k", type=int, default=10, help="neighbours for kNN")
     v.add_argument("--out", help="write the metrics as JSON (first form)")
     v.add_argument("--model", help="ITEm run folder: evaluate it on CATALOG")
-    v.add_argument("--baselines", help="comma-separated: tfidf,minilm,minilm_title,pixels16,phash,fusion")
+    v.add_argument("--baselines", help="comma-separated: tfidf,minilm,minilm_title,pixels16,phash,fusion,hog,fusion_hog")
     v.add_argument("--featurizer", action="append", metavar="KIND:DIR",
                    help="another model to compare, item:RUN_DIR or dual:DIR (repeatable)")
     v.add_argument("--modes", help="retrieval query modes (default joint,image,title,image2image)")

@@ -15,7 +15,8 @@ from typing import Any
 
 # image_stem -> the normalisation of its conv stem ("linear" has no stem): one table for config and model.
 STEM_NORMS = {"conv": "group", "conv_channelnorm": "channel"}
-IMAGE_STEMS = ("linear", *STEM_NORMS)
+# "hog": each patch's histograms of oriented gradients and mean colour through a small MLP (model.HogStem).
+IMAGE_STEMS = ("linear", *STEM_NORMS, "hog")
 
 
 @dataclass
@@ -59,9 +60,11 @@ class ModelConfig:
             raise ValueError(f"unknown pooling {self.pooling!r} (cls or mean)")
         if self.image_stem not in IMAGE_STEMS:
             raise ValueError(f"unknown image_stem {self.image_stem!r} ({', '.join(IMAGE_STEMS)})")
-        if self.image_stem != "linear" and self.patch_size & (self.patch_size - 1):
+        if self.image_stem in STEM_NORMS and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"the conv stem halves the image per layer: patch_size {self.patch_size} "
                              "must be a power of two (or use --image-stem linear)")
+        if self.image_stem == "hog" and self.patch_size % 2:
+            raise ValueError(f"the hog stem splits a patch into 2x2 cells: patch_size {self.patch_size} must be even")
 
     @property
     def num_patches(self) -> int:

@@ -44,11 +44,10 @@ from .checkpoint import (
     CheckpointError, latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints,
     save_folder_atomic, save_model, sha256_file,
 )
-from .config import DUAL_NEW_LR_SCALE, STEM_NORMS, ModelConfig, TrainConfig
+from .config import DUAL_NEW_LR_SCALE, ModelConfig, TrainConfig
 from .data import ProductArrays, load_tokenizer, make_batch
 from .encode import ItemEncoder
-from .images import patchify
-from .model import ConvStem, ItemModel, bert_config
+from .model import ItemModel, bert_config, make_image_stem, stem_patches
 from .train import (
     TrainResult, _param_groups, _step_seed, _truncate_metrics, batch_indices, data_fingerprint, lr_at,
     total_steps,
@@ -118,22 +117,15 @@ class ImageTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         bc = bert_config(cfg)
-        if cfg.image_stem != "linear":  # the same stems ITEm can have, so the peers stay comparable
-            self.conv_stem = ConvStem(cfg.patch_size, cfg.hidden_size, STEM_NORMS[cfg.image_stem])
-        else:
-            self.patch_embed = nn.Linear(cfg.patch_dim, cfg.hidden_size)  # as ITEm's (weight-decayed)
+        name, stem = make_image_stem(cfg)  # the same stems ITEm can have, so the peers stay comparable
+        setattr(self, name, stem)
         self.embeddings = ImageEmbeddings(cfg)
         self.encoder = BertEncoder(bc)
         self.apply(lambda m: _init_bert_style(m, bc.initializer_range))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, S, S, 3) -> (B, H) final [CLS] state. Pixels scaled to [-1, 1] as in ITEm."""
-        x = images.float().div(127.5).sub(1.0)  # as ItemModel.normalize_pixels
-        if self.cfg.image_stem != "linear":
-            x = self.conv_stem(x.permute(0, 3, 1, 2))  # (B, N, H)
-        else:
-            x = self.patch_embed(patchify(x, self.cfg.patch_size))  # (B, N, H)
-        x = self.embeddings(x)  # (B, 1 + N, H)
+        """uint8 (B, S, S, 3) -> (B, H) final [CLS] state; patches through the stem as in ITEm."""
+        x = self.embeddings(stem_patches(self, self.cfg, images))  # (B, 1 + N, H)
         return self.encoder(x).last_hidden_state[:, 0]
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from .augment import random_views
 from .config import ObjectiveConfig
 from .data import Batch
-from .images import patchify
+from .images import HOG_BINS, HOG_CELLS, patch_hog, patchify  # noqa: F401 (HOG names re-exported)
 from .model import EncoderOutput, ItemModel
 
 IGNORE = -100
@@ -153,45 +153,9 @@ def patch_targets(images: torch.Tensor, patch_size: int, kind: str = "pixels") -
     return (x - mean) / (var + 1e-6).sqrt()
 
 
-HOG_BINS = 9  # unsigned orientations, 20 degrees each (Dalal & Triggs)
-HOG_CELLS = 2  # cells per patch side: a 16-px patch is 2x2 cells of 8 px
-
-
 def target_dim(kind: str, patch_size: int) -> int:
     """Width of one patch's MIM target."""
     return HOG_CELLS * HOG_CELLS * HOG_BINS if kind == "hog" else patch_size * patch_size * 3
-
-
-def patch_hog(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, N, HOG_CELLS**2 * HOG_BINS): per patch, the gradient-magnitude
-    histograms of its cells over unsigned orientations, computed on luminance, L2-normalised per patch
-    and scaled so each entry has mean square 1 like the pixel target.
-
-    Why (MaskFeat, Wei et al. 2022): pixel targets spend the image side on colour and exact intensity;
-    edges and their directions are what a colour variant shares with its siblings (on hm-dev this HOG of
-    the 96-px photo, the ``hog`` baseline, finds the same garment image-to-image at R@1 0.43, the RGB
-    16x16 thumbnail at 0.13).
-    A patch with no edges (flat background) gets a near-zero target instead of amplified noise.
-    """
-    b, s, _, _ = images.shape
-    assert patch_size % HOG_CELLS == 0, f"patch {patch_size} does not split into {HOG_CELLS} cells"
-    x = images.float() / 255.0
-    lum = (x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114).unsqueeze(1)  # (B, 1, S, S)
-    lum = F.pad(lum, (1, 1, 1, 1), mode="replicate")
-    gx = lum[:, :, 1:-1, 2:] - lum[:, :, 1:-1, :-2]
-    gy = lum[:, :, 2:, 1:-1] - lum[:, :, :-2, 1:-1]
-    mag = torch.sqrt(gx * gx + gy * gy)  # (B, 1, S, S)
-    angle = torch.remainder(torch.atan2(gy, gx), math.pi)  # [0, pi)
-    bins = (angle * (HOG_BINS / math.pi)).long().clamp_(max=HOG_BINS - 1)
-    hist = torch.zeros(b, HOG_BINS, s, s, dtype=mag.dtype, device=mag.device).scatter_(1, bins, mag)
-    cell = patch_size // HOG_CELLS
-    hist = F.avg_pool2d(hist, cell) * (cell * cell)  # (B, bins, S/cell, S/cell): sums per cell
-    g = s // patch_size
-    hist = hist.reshape(b, HOG_BINS, g, HOG_CELLS, g, HOG_CELLS).permute(0, 2, 4, 3, 5, 1)
-    hist = hist.reshape(b, g * g, HOG_CELLS * HOG_CELLS * HOG_BINS)  # (B, N, D), row-major like patchify
-    # eps ~ one faint edge (0.1 intensity step along a cell side), so flat patches stay near zero.
-    norm = hist.norm(dim=-1, keepdim=True) + 0.1 * cell
-    return hist / norm * math.sqrt(hist.shape[-1])
 
 
 class _Transform(nn.Sequential):
