@@ -77,7 +77,7 @@ def test_cls_pooling_is_first_token(encoder):
     assert torch.allclose(v, torch.nn.functional.normalize(out.hidden[:, 0], dim=-1))
 
 
-@pytest.mark.parametrize("stem, prefix", [("conv", "conv_stem."), ("hog", "hog_stem.")])
+@pytest.mark.parametrize("stem, prefix", [("conv", "conv_stem."), ("hog", "hog_stem."), ("hog_colour", "hog_stem.")])
 def test_stem_shapes_and_config_checks(stem, prefix):
     model = ItemModel(model_config_for("tiny", image_stem=stem))
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
@@ -114,7 +114,7 @@ def test_masked_patch_pixels_reach_no_output(stem):
     assert not torch.allclose(a, c)  # unmasked, the same change does show
 
 
-@pytest.mark.parametrize("stem", ["conv", "hog"])
+@pytest.mark.parametrize("stem", ["conv", "hog", "hog_colour"])
 def test_stem_model_saves_and_reloads(tmp_path, stem):
     from item_embed.checkpoint import save_model
 
@@ -137,22 +137,24 @@ def test_linear_stem_keeps_the_config_hash_of_earlier_models():
     assert model_config_for("tiny", image_stem="conv").config_hash() != cfg.config_hash()
 
 
-def test_hog_stem_sees_edges_and_colour():
-    """The HOG stem's input is each patch's edge directions and its mean colour: a stripe turned
-    90 degrees changes the patch's vector, and so does recolouring it without moving an edge; the
-    other patches, which the stripe's gradients do not reach, stay as they were."""
+@pytest.mark.parametrize("stem", ["hog", "hog_colour"])
+def test_hog_stems_see_edges_and_only_hog_colour_sees_colour(stem):
+    """A HOG stem's input is each patch's edge directions (and for hog_colour its mean colour): a stripe
+    turned 90 degrees changes the patch's vector while the patches its gradients do not reach stay as
+    they were; two flat pictures of different colours look the same to ``hog`` only."""
     torch.manual_seed(0)
-    model = ItemModel(model_config_for("tiny", image_stem="hog")).eval()
+    model = ItemModel(model_config_for("tiny", image_stem=stem)).eval()
     base = torch.full((1, 32, 32, 3), 230, dtype=torch.uint8)
-    vertical, horizontal, recoloured = base.clone(), base.clone(), base.clone()
+    vertical, horizontal = base.clone(), base.clone()
     vertical[:, 1:7, 3:5] = 20  # inside the first 8-px patch, a pixel clear of its borders
     horizontal[:, 3:5, 1:7] = 20
-    recoloured[:, 1:7, 3:5] = torch.tensor([200, 20, 20], dtype=torch.uint8)
+    red = torch.tensor([200, 20, 20], dtype=torch.uint8).expand(1, 32, 32, 3).contiguous()
+    blue = torch.tensor([20, 20, 200], dtype=torch.uint8).expand(1, 32, 32, 3).contiguous()
     with torch.no_grad():
-        v, h, r = (model.project_patches(x, None) for x in (vertical, horizontal, recoloured))
-        flat = model.project_patches(base, None)
-    assert not torch.allclose(v[0, 0], h[0, 0]) and not torch.allclose(v[0, 0], r[0, 0])
+        v, h, flat, r, b = (model.project_patches(x, None) for x in (vertical, horizontal, base, red, blue))
+    assert not torch.allclose(v[0, 0], h[0, 0])
     assert torch.equal(v[0, 1:], flat[0, 1:]) and torch.equal(h[0, 1:], flat[0, 1:])
+    assert torch.equal(r, b) == (stem == "hog")
 
 
 def test_channel_norm_stem_keeps_far_patches_apart():

@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-stem", choices=list(IMAGE_STEMS), default=RECIPE_IMAGE_STEM,
                    help="patch pixels -> embeddings: early convolutions with per-pixel channel norm "
                         "(conv_channelnorm, default) or GroupNorm (conv), ITEm's linear projection (linear), or "
-                        "each patch's HOG and mean colour through an MLP (hog)")
+                        "each patch's HOG through an MLP (hog: colour-free; hog_colour: with its mean colour)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
     t.add_argument("--new-lr-scale", type=float,

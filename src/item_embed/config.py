@@ -15,8 +15,10 @@ from typing import Any
 
 # image_stem -> the normalisation of its conv stem ("linear" has no stem): one table for config and model.
 STEM_NORMS = {"conv": "group", "conv_channelnorm": "channel"}
-# "hog": each patch's histograms of oriented gradients and mean colour through a small MLP (model.HogStem).
-IMAGE_STEMS = ("linear", *STEM_NORMS, "hog")
+# "hog": each patch's histograms of oriented gradients through a small MLP (model.HogStem), colour-free;
+# "hog_colour": the same with the patch's mean colour.
+HOG_STEMS = ("hog", "hog_colour")
+IMAGE_STEMS = ("linear", *STEM_NORMS, *HOG_STEMS)
 
 
 @dataclass
@@ -63,7 +65,7 @@ class ModelConfig:
         if self.image_stem in STEM_NORMS and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"the conv stem halves the image per layer: patch_size {self.patch_size} "
                              "must be a power of two (or use --image-stem linear)")
-        if self.image_stem == "hog" and self.patch_size % 2:
+        if self.image_stem in HOG_STEMS and self.patch_size % 2:
             raise ValueError(f"the hog stem splits a patch into 2x2 cells: patch_size {self.patch_size} must be even")
 
     @property
@@ -134,7 +136,7 @@ class ObjectiveConfig:
     mlm_prob: float = 0.15
     mim_ratio: float = 0.5
     # What MIM and global MIM rebuild: "pixels" (METHOD.md: each patch's pixels normalised as in MAE) or
-    # "hog" (MaskFeat: the patch's histograms of oriented gradients, colour-free; objectives.patch_hog).
+    # "hog" (MaskFeat: the patch's histograms of oriented gradients, colour-free; images.patch_hog).
     mim_target: str = "pixels"
     itm_negative_ratio: float = 0.5
     # Modality dropout (METHOD.md's first remedy), title side: this share of products enters as an

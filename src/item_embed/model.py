@@ -2,7 +2,7 @@
 
 Text embeds exactly as in BERT (word + position + token type 0, then LayerNorm). Each image
 patch's raw pixels are linearly projected (or, as a measured option, pass an early-convolution
-stem, or a hand-made HOG-and-colour stem) and get a learned per-patch position and token type 1,
+stem, or hand-made HOG features) and get a learned per-patch position and token type 1,
 through the same LayerNorm. The encoder is transformers' ``BertEncoder`` with SDPA attention.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from .config import STEM_NORMS, ModelConfig
+from .config import HOG_STEMS, STEM_NORMS, ModelConfig
 from .images import HOG_BINS, HOG_CELLS, patch_hog, patchify
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
@@ -95,24 +95,27 @@ class ConvStem(nn.Module):
 
 class HogStem(nn.Module):
     """Hand-made patch features, then a small MLP: each patch's histograms of oriented gradients of
-    luminance (:func:`images.patch_hog`, 2x2 cells x 9 orientations) and its mean colour.
+    luminance (:func:`images.patch_hog`, 2x2 cells x 9 orientations), and with ``colour`` its mean colour.
 
     Why: trained from scratch on a CPU budget, the learned stems never reach what plain HOG does for
     finding a garment's colour variants image to image (hm-dev R@1 0.43, the ``hog`` baseline); this
-    stem starts the image side from those features. (B, S, S, 3) pixel values in [0, 255] -> (B, N, H).
+    stem starts the image side from those features. Without colour the image side cannot tell colour
+    variants apart at all (their titles usually can). (B, S, S, 3) pixel values in [0, 255] -> (B, N, H).
     """
 
-    def __init__(self, patch_size: int, hidden: int) -> None:
+    def __init__(self, patch_size: int, hidden: int, colour: bool) -> None:
         super().__init__()
-        self.patch_size = patch_size
-        self.net = nn.Sequential(nn.Linear(HOG_CELLS * HOG_CELLS * HOG_BINS + 3, hidden), nn.GELU(),
+        self.patch_size, self.colour = patch_size, colour
+        self.net = nn.Sequential(nn.Linear(HOG_CELLS * HOG_CELLS * HOG_BINS + 3 * colour, hidden), nn.GELU(),
                                  nn.Linear(hidden, hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hog = patch_hog(x, self.patch_size)  # (B, N, 36), entries of mean square 1
-        b, n = hog.shape[:2]
-        colour = patchify(x / 127.5 - 1.0, self.patch_size).reshape(b, n, -1, 3).mean(dim=2)  # (B, N, 3)
-        return self.net(torch.cat([hog, colour], dim=-1))
+        feats = patch_hog(x, self.patch_size)  # (B, N, 36), entries of mean square 1
+        if self.colour:
+            b, n = feats.shape[:2]
+            mean = patchify(x / 127.5 - 1.0, self.patch_size).reshape(b, n, -1, 3).mean(dim=2)  # (B, N, 3)
+            feats = torch.cat([feats, mean], dim=-1)
+        return self.net(feats)
 
 
 def make_image_stem(cfg: ModelConfig) -> tuple[str, nn.Module]:
@@ -120,8 +123,8 @@ def make_image_stem(cfg: ModelConfig) -> tuple[str, nn.Module]:
     key prefixes (``patch_embed.``, ``conv_stem.``, ``hog_stem.``), shared by ITEm and the dual encoder."""
     if cfg.image_stem == "linear":
         return "patch_embed", nn.Linear(cfg.patch_dim, cfg.hidden_size)
-    if cfg.image_stem == "hog":
-        return "hog_stem", HogStem(cfg.patch_size, cfg.hidden_size)
+    if cfg.image_stem in HOG_STEMS:
+        return "hog_stem", HogStem(cfg.patch_size, cfg.hidden_size, colour=cfg.image_stem == "hog_colour")
     return "conv_stem", ConvStem(cfg.patch_size, cfg.hidden_size, STEM_NORMS[cfg.image_stem])
 
 
@@ -139,7 +142,7 @@ def stem_patches(model: nn.Module, cfg: ModelConfig, images: torch.Tensor,
         g, p = cfg.image_size // cfg.patch_size, cfg.patch_size
         keep = (~mim_mask).reshape(-1, g, 1, g, 1, 1).expand(-1, g, p, g, p, 1).reshape(-1, g * p, g * p, 1)
         x = torch.where(keep, x, torch.full_like(x, 127.5))
-    if cfg.image_stem == "hog":
+    if cfg.image_stem in HOG_STEMS:
         return model.hog_stem(x)
     return model.conv_stem(x.div(127.5).sub(1.0).permute(0, 3, 1, 2))
 
