@@ -31,6 +31,16 @@ declare -A weights=(
   [item-conv-lr10-s1]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
   [item-convcn-ic]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,image_contrastive=1"
   [item-convcn-icp]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,image_contrastive=1"
+  [item-hog]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
+  [item-hog-ctrb]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=0.5"
+  [item-hog-ctrb10]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=0.1"
+  [item-hog-ctrit]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=1"
+  [item-hog-ctrit25]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=0.25"
+  [item-hogc]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25"
+  [item-hogc-ic]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,image_contrastive=1"
+  [item-hogc-ctr]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=1"
+  [item-hogc-ctrb]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=0.5"
+  [item-hogc-ctrit]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=1"
 )
 # The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1). Every run
 # before the conv stem existed pins the paper's linear patch projection (the stem is now the default).
@@ -59,12 +69,26 @@ declare -A flags=(
   # + SimCLR between two colour-jittered views of each photo, image only (two short extra passes)
   [item-convcn-ic]="--new-lr-scale 10 --image-stem conv_channelnorm"
   [item-convcn-icp]="--new-lr-scale 10 --image-stem conv_channelnorm --image-contrastive-proj 128"  # SimCLR head
+  # HOG stems (hand-made patch features): colour-free, and with each patch's mean colour (hogc);
+  # then the image-side terms on top: SimCLR, image-view contrastive (held target, or both ways),
+  # image and title views both ways.
+  [item-hog]="--new-lr-scale 10 --image-stem hog"
+  [item-hog-ctrb]="--new-lr-scale 10 --image-stem hog --contrastive-both-ways"
+  [item-hog-ctrb10]="--new-lr-scale 10 --image-stem hog --contrastive-both-ways"
+  [item-hog-ctrit]="--new-lr-scale 10 --image-stem hog --contrastive-views image,title --contrastive-both-ways"
+  [item-hog-ctrit25]="--new-lr-scale 10 --image-stem hog --contrastive-views image,title --contrastive-both-ways"
+  [item-hogc]="--new-lr-scale 10 --image-stem hog_colour"
+  [item-hogc-ic]="--new-lr-scale 10 --image-stem hog_colour"
+  [item-hogc-ctr]="--new-lr-scale 10 --image-stem hog_colour"
+  [item-hogc-ctrb]="--new-lr-scale 10 --image-stem hog_colour --contrastive-both-ways"
+  [item-hogc-ctrit]="--new-lr-scale 10 --image-stem hog_colour --contrastive-views image,title --contrastive-both-ways"
 )
 for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg \
             item-mit-lr10 item-all5g25-lr10 item-itm4-lr10 diag-itm-only \
             item-conv-lr10 item-conv-ctr-lr10 item-conv-td25 item-convcn-lr10 \
             item-conv-hog item-conv-hog-ctr item-conv-hog-td25m item-convcn-hog \
-            item-convcn-lr10-s1 item-conv-lr10-s1 item-convcn-ic item-convcn-icp; do
+            item-convcn-lr10-s1 item-conv-lr10-s1 item-convcn-ic item-convcn-icp \
+            item-hog item-hog-ctrb item-hog-ctrb10 item-hog-ctrit item-hog-ctrit25 item-hogc item-hogc-ic item-hogc-ctr item-hogc-ctrb item-hogc-ctrit; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \
