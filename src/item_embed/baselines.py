@@ -8,12 +8,13 @@
 - ``phash``: 64-bit perceptual hash (``imagehash.phash``) of the raw photo, as a +-1 vector: the
   cosine of two such vectors is ``1 - 2 * hamming / 64``, so cosine ranking is Hamming ranking.
 - ``fusion``: ``[minilm(text), 0.5 * pixels16 / ||pixels16||]``, L2-normalised.
-- ``fusion_hog`` (ours, off by default): the same late fusion with ``hog`` in place of pixels16. Not a
-  reference number: it shows what one embedding with a title part and a colour-free shape part can do.
 - ``hog`` (ours, not in BENCHMARKS.md, off by default): histograms of oriented gradients of the photo's
   luminance at 96 px, exactly the target ``--mim-target hog`` asks ITEm to rebuild
-  (``objectives.patch_hog``: 16-px blocks of 2x2 cells, 9 orientations), mean-centred over the catalog.
+  (``images.patch_hog``: 16-px blocks of 2x2 cells, 9 orientations), mean-centred over the catalog.
   A colour-free image baseline: colour variants share shapes, not colours.
+- ``fusion_hog`` (ours, off by default): ``fusion`` with ``hog`` in place of pixels16. Not a reference
+  number: one embedding with a title part and a colour-free shape part (``benchmarks/fusion_sweep.py``
+  sweeps the weight).
 
 Text is ``title. description`` when the catalog has a description column, else the title.
 A baseline sees a missing modality as a blank input: text baselines embed "" for image-only
@@ -40,7 +41,7 @@ TFIDF_DIM = 256
 PIXELS_SIDE = 16
 HOG_SIDE, HOG_BLOCK = 96, 16  # the training recipe's image and patch size
 PIXELS_DIM = 128
-FUSION_PIXEL_WEIGHT = 0.5
+FUSION_IMAGE_WEIGHT = 0.5
 
 
 class TfidfBaseline(CachedFeaturizer):
@@ -275,7 +276,7 @@ class FusionBaseline(CachedFeaturizer):
     modalities = frozenset({"text", "image"})
 
     def __init__(self, text: MiniLMBaseline, image: "Pixels16Baseline | HogBaseline",
-                 weight: float = FUSION_PIXEL_WEIGHT, name: str = "fusion") -> None:
+                 weight: float = FUSION_IMAGE_WEIGHT, name: str = "fusion") -> None:
         super().__init__()
         self.name = name
         self.text = text
