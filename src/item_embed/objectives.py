@@ -18,7 +18,7 @@ from torch import nn
 from .augment import random_views
 from .config import ObjectiveConfig
 from .data import Batch
-from .images import HOG_BINS, HOG_CELLS, patch_hog, patchify  # noqa: F401 (HOG names re-exported)
+from .images import HOG_BINS, HOG_CELLS, patch_hog, patchify
 from .model import EncoderOutput, ItemModel
 
 IGNORE = -100
