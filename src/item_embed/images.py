@@ -172,7 +172,8 @@ HOG_CELLS = 2  # cells per patch side: a 16-px patch is 2x2 cells of 8 px
 
 
 def patch_hog(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, N, HOG_CELLS**2 * HOG_BINS): per patch, the gradient-magnitude
+    """(B, S, S, 3) pixel values in [0, 255] (uint8, or float as the HOG stems pass with masked patches
+    blanked) -> (B, N, HOG_CELLS**2 * HOG_BINS): per patch, the gradient-magnitude
     histograms of its cells over unsigned orientations, computed on luminance, L2-normalised per patch
     and scaled so each entry has mean square 1 like the pixel target.
 
