@@ -224,6 +224,27 @@ def test_contrastive_full_product_is_a_fixed_target_by_default(tiny, stop_grad):
     assert ObjectiveConfig().contrastive_stop_grad
 
 
+def test_contrastive_dims_compares_only_the_last_coordinates(tiny):
+    """With contrastive_dims=k the term reaches the full product's [CLS] through its last k
+    coordinates only; the rest of the embedding is left to the other objectives."""
+    model, _ = tiny
+    k = 8
+    obj = ItemObjectives(model, ObjectiveConfig(itm=0, mlm=0, mim=0, global_mlm=0, global_mim=0, contrastive=1,
+                                                contrastive_stop_grad=False, contrastive_dims=k))
+    batch = make_batch(b=8)
+    mb = mask_batch(batch, obj.cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
+    out = model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask)
+    out.hidden.retain_grad()
+    obj(model, out, mb)["loss"].backward()
+    cls_grad = out.hidden.grad[:, 0].abs()
+    assert cls_grad[:, -k:].sum() > 0
+    assert cls_grad[:, :-k].max() < 1e-6 * cls_grad[:, -k:].max()
+    with pytest.raises(ValueError, match="contrastive_dims"):
+        ObjectiveConfig(contrastive=1, contrastive_dims=-1)
+    with pytest.raises(ValueError, match="contrastive_dims"):
+        ItemObjectives(model, ObjectiveConfig(contrastive=1, contrastive_dims=model.cfg.hidden_size + 1))
+
+
 def test_title_dropout_turns_rows_into_image_only_products():
     batch = make_batch(b=64, t=12, text_only_rows=(3,), image_only_rows=(4,))
     cfg = ObjectiveConfig(title_dropout=0.5)

@@ -281,3 +281,57 @@ def test_train_with_the_image_view_contrastive_term(tiny_catalog, tmp_path):
     assert all(np.isfinite(row["image_contrastive"]) for row in log)
     heads = load_file(str(next((run / "checkpoints").glob("*/heads.safetensors"))))
     assert "heads.image_contrastive.logit_scale" in heads, sorted(heads)
+
+
+def test_input_centres_are_the_mean_embedding_of_each_input_type(tiny_catalog, tiny_run):
+    """Training fills the centres from the catalog (every product of the tiny catalog is in the
+    sample) with exactly the inputs the encoder builds for a product with both, an image only or a
+    title only; the encoder takes the matching centre off each row and rescales it to unit length."""
+    import torch
+
+    frame = pd.read_csv(tiny_catalog)
+    records = {"joint": [{"title": t, "image": i} for t, i in zip(frame["title"], frame["image"])],
+               "image": [{"image": i} for i in frame["image"]],
+               "title": [{"title": t} for t in frame["title"]]}
+    enc = ItemEncoder.from_pretrained(tiny_run)
+    assert json.loads((tiny_run / "config.json").read_text())["model"]["input_centering"]
+    centers = enc.model.input_centers.clone()
+    assert centers.norm(dim=1).min() > 0.05  # fitted, not the zeros a fresh model starts with
+    centered = {m: enc.encode(r, image_root=tiny_catalog.parent) for m, r in records.items()}
+    enc.model.input_centers.zero_()  # a zero centre leaves the raw unit [CLS]
+    raw = {m: enc.encode(r, image_root=tiny_catalog.parent) for m, r in records.items()}
+    for i, mode in enumerate(("joint", "image", "title")):
+        np.testing.assert_allclose(raw[mode].mean(0), centers[i].numpy(), atol=1e-4)
+        want = raw[mode] - centers[i].numpy()
+        np.testing.assert_allclose(centered[mode], want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-4)
+    enc.model.input_centers.copy_(centers)
+    mixed = enc.model.center(torch.from_numpy(raw["joint"][:3]), torch.tensor([True, False, True]),
+                             torch.tensor([True, True, False]))  # both, image only, title only
+    assert torch.allclose(mixed[1], torch.nn.functional.normalize(torch.from_numpy(raw["joint"][1]) - centers[1],
+                                                                   dim=0), atol=1e-5)
+
+
+def test_no_input_centering_keeps_the_raw_cls_and_the_old_model_id(tiny_catalog, tmp_path):
+    from item_embed.config import ModelConfig
+
+    run = tmp_path / "raw"
+    assert main(["train", str(tiny_catalog), "--out", str(run), "--steps", "2", "--save-every", "100",
+                 "--no-input-centering", *TRAIN]) == 0
+    assert "input_centers" not in load_file(str(run / "model.safetensors"))
+    cfg = ModelConfig()
+    assert "input_centering" not in cfg.identity_dict()  # ids of models from before the option stay
+    assert ModelConfig(input_centering=True).config_hash() != cfg.config_hash()
+
+    # fit-centers: a centred copy of such a model (the original untouched), same weights otherwise.
+    before = (run / "model.safetensors").read_bytes()
+    assert main(["fit-centers", str(tiny_catalog), "--model", str(run), "--out", str(tmp_path / "centred")]) == 0
+    assert (run / "model.safetensors").read_bytes() == before
+    raw, centred = ItemEncoder.from_pretrained(run), ItemEncoder.from_pretrained(tmp_path / "centred")
+    config = json.loads((tmp_path / "centred" / "config.json").read_text())
+    assert config["model"]["input_centering"] and config["trained_steps"] == 2
+    assert config["input_centers"]["products"] == 121 and raw.model_id != centred.model_id
+    frame = pd.read_csv(tiny_catalog)
+    records = [{"title": t} for t in frame["title"][:5]]
+    want = raw.encode(records) - centred.model.input_centers[2].numpy()
+    np.testing.assert_allclose(centred.encode(records), want / np.linalg.norm(want, axis=1, keepdims=True),
+                               atol=1e-4)

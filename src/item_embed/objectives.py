@@ -263,9 +263,17 @@ class ItemObjectives(nn.Module):
         if w["global_mim"] > 0:
             self.heads["global_mim"] = PatchHead(2 * h, h, d_target, eps)
         if w["contrastive"] > 0:
+            if cfg.contrastive_dims > h:
+                raise ValueError(f"contrastive_dims={cfg.contrastive_dims} exceeds the embedding width {h}")
             self.heads["contrastive"] = ContrastiveHead()
         if w["image_contrastive"] > 0:
             self.heads["image_contrastive"] = ContrastiveHead(h, cfg.image_contrastive_proj)
+
+    def _contrastive_part(self, emb: torch.Tensor) -> torch.Tensor:
+        """What the contrastive term compares: the whole (unit) embedding, or its last
+        ``contrastive_dims`` coordinates scaled back to unit length."""
+        k = self.cfg.contrastive_dims
+        return emb if k == 0 else F.normalize(emb[:, -k:], dim=-1)
 
     def global_word_logits(self, model: ItemModel, out: EncoderOutput, rows: torch.Tensor,
                            positions: torch.Tensor) -> torch.Tensor:
@@ -334,7 +342,8 @@ class ItemObjectives(nn.Module):
                 full = model.pool(out)[rows]
                 if self.cfg.contrastive_stop_grad:
                     full = full.detach()
-                terms = [self.heads["contrastive"](view_embeddings(model, mb, rows, v), full)
+                part = self._contrastive_part
+                terms = [self.heads["contrastive"](part(view_embeddings(model, mb, rows, v)), part(full))
                          for v in self.cfg.views]
                 losses["contrastive"] = sum(terms) / len(terms)
 
