@@ -41,6 +41,7 @@ declare -A weights=(
   [item-hogc-ctr]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=1"
   [item-hogc-ctrb]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=0.5"
   [item-hogc-ctrit]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=1"
+  [item-hog-ctrd96]="itm=1,mlm=1,mim=1,global_mlm=0.25,global_mim=0.25,contrastive=0.5"
 )
 # The first five ran before --new-lr-scale existed: every parameter at the base lr (scale 1). Every run
 # before the conv stem existed pins the paper's linear patch projection (the stem is now the default).
@@ -82,13 +83,16 @@ declare -A flags=(
   [item-hogc-ctr]="--new-lr-scale 10 --image-stem hog_colour"
   [item-hogc-ctrb]="--new-lr-scale 10 --image-stem hog_colour --contrastive-both-ways"
   [item-hogc-ctrit]="--new-lr-scale 10 --image-stem hog_colour --contrastive-views image,title --contrastive-both-ways"
+  # image view both ways on the last 96 of 384 coordinates only
+  [item-hog-ctrd96]="--new-lr-scale 10 --image-stem hog --contrastive-both-ways --contrastive-dims 96"
 )
 for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-all5-contrastive-sg \
             item-mit-lr10 item-all5g25-lr10 item-itm4-lr10 diag-itm-only \
             item-conv-lr10 item-conv-ctr-lr10 item-conv-td25 item-convcn-lr10 \
             item-conv-hog item-conv-hog-ctr item-conv-hog-td25m item-convcn-hog \
             item-convcn-lr10-s1 item-conv-lr10-s1 item-convcn-ic item-convcn-icp \
-            item-hog item-hog-ctrb item-hog-ctrb10 item-hog-ctrit item-hog-ctrit25 item-hogc item-hogc-ic item-hogc-ctr item-hogc-ctrb item-hogc-ctrit; do
+            item-hog item-hog-ctrb item-hog-ctrb10 item-hog-ctrit item-hog-ctrit25 item-hogc item-hogc-ic item-hogc-ctr item-hogc-ctrb item-hogc-ctrit \
+            item-hog-ctrd96; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \

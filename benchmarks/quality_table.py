@@ -71,7 +71,8 @@ def run_rows(out: Path) -> list[list[object]]:
         if obj.get("contrastive"):
             # Runs from before the option existed moved the full embedding too.
             how = "full embedding fixed" if obj.get("contrastive_stop_grad", False) else "both ways"
-            weights += f" (views {obj.get('contrastive_views')}, {how})"
+            dims = f", last {obj['contrastive_dims']} coordinates" if obj.get("contrastive_dims") else ""
+            weights += f" (views {obj.get('contrastive_views')}, {how}{dims})"
         if obj.get("image_contrastive") and obj.get("image_contrastive_proj"):
             weights += f" (projection {obj['image_contrastive_proj']})"
         if obj.get("title_dropout"):

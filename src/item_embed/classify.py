@@ -395,7 +395,7 @@ def fit_linear(emb: np.ndarray, labels: Sequence[Any], keys: Sequence[Any], *, m
 @torch.inference_mode()
 def _embed_rows(model, data: ProductArrays, rows: np.ndarray, batch_size: int, dev: torch.device,
                 autocast) -> np.ndarray:
-    """(len(rows), d) product embeddings (pooled, input-type centred if the model is), model in eval mode."""
+    """(len(rows), d) pooled, L2-normalised embeddings with the model in eval mode."""
     model.eval()
     out = [np.zeros((0, model.cfg.hidden_size), dtype=np.float32)]
     for start in range(0, len(rows), batch_size):
@@ -403,8 +403,7 @@ def _embed_rows(model, data: ProductArrays, rows: np.ndarray, batch_size: int, d
         images = None if b.images is None else b.images.to(dev)
         with autocast:
             h = model(b.input_ids.to(dev), b.text_mask.to(dev), images, b.has_image.to(dev))
-        emb = model.center(model.pool(h), b.has_text.to(dev), b.has_image.to(dev))  # as the encoder embeds
-        out.append(emb.float().cpu().numpy())
+        out.append(model.pool(h).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -413,7 +412,7 @@ def fit_finetune(data: ProductArrays | Sequence[Product], labels: Sequence[Any],
                  batch_size: int = 32, lr: float = 5e-5, head_lr: float = 1e-3, weight_decay: float = 0.01,
                  precision: str = "fp32", seed: int = 0, device: str | None = None, progress: bool = False,
                  log: Callable[[str], None] = print) -> Classifier:
-    """Fine-tune a copy of ``encoder``'s model with a linear head on its product embedding.
+    """Fine-tune a copy of ``encoder``'s model with a linear head on its pooled [CLS] embedding.
 
     data: products (or their arrays) in the order of ``labels`` and ``keys``. Trains with AdamW
     (``lr`` for the encoder, ``head_lr`` for the head; warm-up then linear decay), cross-entropy,
@@ -473,8 +472,7 @@ def fit_finetune(data: ProductArrays | Sequence[Product], labels: Sequence[Any],
         images = None if b.images is None else b.images.to(dev)
         with autocast:
             out = model(b.input_ids.to(dev), b.text_mask.to(dev), images, b.has_image.to(dev))
-            emb = model.center(model.pool(out), b.has_text.to(dev), b.has_image.to(dev))  # (B, d) as encoded
-            logits = head(emb * scale)  # (B, C)
+            logits = head(model.pool(out) * scale)  # (B, C)
         loss = F.cross_entropy(logits.float(), y_all[idx].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from .catalog import Catalog, CatalogError, CatalogReport, Columns
 from .checkpoint import CheckpointError
-from .config import (CENTER_SAMPLE, IMAGE_STEMS, RECIPE_IMAGE_STEM, RECIPE_INPUT_CENTERING, ObjectiveConfig, TrainConfig,
-                     model_config_for, parse_loss_weights)
+from .config import IMAGE_STEMS, RECIPE_IMAGE_STEM, ObjectiveConfig, TrainConfig, model_config_for, parse_loss_weights
 
 
 def _add_catalog_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +43,7 @@ def _model_config(a: argparse.Namespace, cache_meta: dict | None = None):
 
     shape = dict(image_size=a.image_size, patch_size=getattr(a, "patch_size", None), max_text_len=a.max_text_len,
                  use_description=a.use_description or None, pooling=getattr(a, "pooling", None),
-                 image_stem=getattr(a, "image_stem", None), input_centering=getattr(a, "input_centering", None))
+                 image_stem=getattr(a, "image_stem", None))
     if cache_meta:
         for key in ("image_size", "max_text_len", "use_description"):
             if shape[key] is not None and shape[key] != cache_meta[key]:
@@ -109,38 +108,6 @@ def cmd_train(a: argparse.Namespace) -> int:
     print(f"model: {out}")
     if report is not None:
         _finish_report(report, out, "catalog_report.json")
-    return 0
-
-
-def cmd_fit_centers(a: argparse.Namespace) -> int:
-    """A copy of a trained model with input-type centring, its centres taken from CATALOG."""
-    import dataclasses
-
-    from .checkpoint import load_model, save_model
-    from .data import ProductArrays, is_cache, load_cache, load_tokenizer
-    from .model import ItemModel
-    from .train import fit_input_centers
-
-    model, config = load_model(Path(a.model))
-    cfg = dataclasses.replace(model.cfg, input_centering=True)
-    centred = ItemModel(cfg)
-    missing, unexpected = centred.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or missing not in ([], ["input_centers"]):
-        raise CheckpointError(f"{a.model}: weights do not fit (missing {missing}, unexpected {unexpected})")
-    tokenizer = load_tokenizer(a.model)
-    if is_cache(a.catalog):
-        data, meta = load_cache(a.catalog)
-        for key in ("image_size", "max_text_len", "use_description"):
-            if meta[key] != getattr(cfg, key):
-                raise ValueError(f"the cache was prepared with {key}={meta[key]}, the model needs {getattr(cfg, key)}")
-    else:
-        products = _open_catalog(a).load_all(cfg.image_size, use_description=cfg.use_description, strict=a.strict,
-                                             report=CatalogReport())
-        data = ProductArrays.build(products, tokenizer, cfg.max_text_len, cfg.image_size)
-    n = fit_input_centers(centred.eval(), data, tokenizer.sep_token_id, sample=a.sample, seed=a.seed)
-    kept = {k: v for k, v in config.items() if k not in ("format", "model", "config_hash", "weights_sha256")}
-    save_model(Path(a.out), centred, tokenizer, {**kept, "input_centers": {"catalog": str(a.catalog), "products": n}})
-    print(f"input-type centres from {n} products of {a.catalog}; model: {a.out}")
     return 0
 
 
@@ -355,10 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch pixels -> embeddings: early convolutions with per-pixel channel norm "
                         "(conv_channelnorm, default) or GroupNorm (conv), ITEm's linear projection (linear), or "
                         "each patch's HOG through an MLP (hog: colour-free; hog_colour: with its mean colour)")
-    t.add_argument("--no-input-centering", dest="input_centering", action="store_false",
-                   default=RECIPE_INPUT_CENTERING,
-                   help="embed a product as its raw final [CLS] (ITEm as published); by default the mean [CLS] "
-                        "of its input type (image+title, image only, title only) is taken off first")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
     t.add_argument("--new-lr-scale", type=float,
@@ -396,14 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the encoder (measure before relying on it)")
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     t.set_defaults(func=cmd_train)
-
-    f = sub.add_parser("fit-centers", help="copy a trained model with input-type centring fitted on a catalog")
-    _add_catalog_args(f)
-    f.add_argument("--model", required=True, help="trained model folder")
-    f.add_argument("--out", required=True, help="folder for the centred copy (the original is left as it is)")
-    f.add_argument("--sample", type=int, default=CENTER_SAMPLE, help="products the centres are averaged over")
-    f.add_argument("--seed", type=int, default=0)
-    f.set_defaults(func=cmd_fit_centers)
 
     c = sub.add_parser("prepare", help="decode, pad and resize every image once into a training cache")
     _add_catalog_args(c)

@@ -48,11 +48,6 @@ class ModelConfig:
     # convolutions down to one vector per patch, an option measured for sample efficiency;
     # "conv_channelnorm" the same with per-pixel channel LayerNorm instead of GroupNorm.
     image_stem: str = "linear"
-    # Input-type centring: the embedding is [CLS] minus the mean [CLS] of its input type (image and
-    # title, image only, title only; means taken over the training catalog after training), scaled
-    # back to unit length. An image-only or title-only [CLS] carries a shared offset saying what is
-    # missing, which drowns what it does know when compared with full products.
-    input_centering: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -94,13 +89,10 @@ class ModelConfig:
 
     def identity_dict(self) -> dict[str, Any]:
         """The config as model identities hash it: ``image_stem`` came later, so a linear-stem model
-        leaves it out and keeps the id its indexes, embedding files and classifiers hold (the same
-        for ``input_centering`` when off)."""
+        leaves it out and keeps the id its indexes, embedding files and classifiers hold."""
         d = self.to_dict()
         if d["image_stem"] == "linear":
             del d["image_stem"]
-        if not d["input_centering"]:  # came later too
-            del d["input_centering"]
         return d
 
     def config_hash(self) -> str:
@@ -166,6 +158,7 @@ class ObjectiveConfig:
     # states (0: all of them). A photo cannot predict its title, so pulling the whole photo-only
     # embedding onto the full one (both ways) spends the title's precision; a slice gives the picture
     # its own part of the full embedding and leaves the rest to the title (fusion_sweep.py's shape).
+    # Measured (RESULTS.md, item-hog-ctrd96): it does not; joint R@1 0.460 against 0.424 with the whole.
     contrastive_dims: int = 0
     # Optional image-side term (SimCLR): in-batch InfoNCE between the image-only embeddings of two random
     # views of each photo (augment.random_views: crop, flip, colour jitter with any hue, greyscale), so
@@ -237,12 +230,6 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
 # queries in every run; its norm uses no image-wide statistics. Python callers building a ModelConfig
 # get linear unless they ask for a stem.
 RECIPE_IMAGE_STEM = "conv_channelnorm"
-
-# (benchmarks/RESULTS.md, "Input-type centring"): on hm-dev, 600 steps of the recipe, title-only queries
-# 0.617 -> 0.718 R@1 with joint 0.994 -> 0.995 and the probes unchanged (product_type 0.846 / 0.847).
-RECIPE_INPUT_CENTERING = True
-# Products the centres are averaged over (a fixed random sample of the training data).
-CENTER_SAMPLE = 2048
 
 # ITEm: the image side (patch projection, positions, [MASK] patch) and the heads at 10x the encoder's lr
 # lowered MIM and MLM loss faster than 1x at the same steps (0.546 vs 0.588, 4.25 vs 4.65 after 600 steps

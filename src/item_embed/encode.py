@@ -79,8 +79,7 @@ class ItemEncoder:
         ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         with ctx:
             out = self.model(batch.input_ids.to(dev), batch.text_mask.to(dev), images, batch.has_image.to(dev))
-        emb = self.model.center(self.model.pool(out), batch.has_text.to(dev), batch.has_image.to(dev))
-        return emb.cpu().numpy().astype(np.float32)
+        return self.model.pool(out).cpu().numpy().astype(np.float32)
 
     def encode(self, products: Iterable[Mapping[str, Any] | Product], batch_size: int = 64,
                show_progress: bool = False, image_root: str | Path | None = None) -> np.ndarray:

@@ -23,8 +23,6 @@ from .config import HOG_STEMS, STEM_NORMS, ModelConfig
 from .images import HOG_BINS, HOG_CELLS, patch_hog, patchify
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
-# Rows of ItemModel.input_centers: what a product's input holds.
-INPUT_TYPES = ("joint", "image", "title")
 
 
 def minilm_path() -> Path:
@@ -163,9 +161,6 @@ class ItemModel(nn.Module):
         self.mask_patch = nn.Parameter(torch.zeros(1, 1, h))
         nn.init.trunc_normal_(self.image_pos, std=0.02)
         nn.init.trunc_normal_(self.mask_patch, std=0.02)
-        if cfg.input_centering:
-            # Mean unit [CLS] per input type (INPUT_TYPES order); zeros until train.fit_input_centers.
-            self.register_buffer("input_centers", torch.zeros(len(INPUT_TYPES), h))
 
     @classmethod
     def from_minilm(cls, cfg: ModelConfig) -> "ItemModel":
@@ -242,11 +237,3 @@ class ItemModel(nn.Module):
             m = out.attention_mask.unsqueeze(-1).to(out.hidden.dtype)
             v = (out.hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(v.float(), dim=-1)
-
-    def center(self, emb: torch.Tensor, has_text: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
-        """The product embedding from ``pool``'s (B, H): minus its input type's mean, back to unit
-        length (ModelConfig.input_centering; unchanged without it). has_text, has_image: (B,) bool."""
-        if not self.cfg.input_centering:
-            return emb
-        kind = torch.where(has_text & has_image, 0, torch.where(has_image, 1, 2)).to(emb.device)
-        return F.normalize(emb - self.input_centers[kind].to(emb.dtype), dim=-1)

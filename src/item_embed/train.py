@@ -27,9 +27,9 @@ from .checkpoint import (
     latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints,
     save_folder_atomic, save_model,
 )
-from .config import CENTER_SAMPLE, ITEM_NEW_LR_SCALE, ModelConfig, TrainConfig
+from .config import ITEM_NEW_LR_SCALE, ModelConfig, TrainConfig
 from .data import ProductArrays
-from .model import INPUT_TYPES, ItemModel
+from .model import ItemModel
 from .objectives import ItemObjectives, MaskedBatch, mask_batch, special_token_ids
 
 LOSS_KEYS = ("loss", "itm", "mlm", "mim", "global_mlm", "global_mim", "contrastive", "image_contrastive", "itm_acc",
@@ -287,50 +287,11 @@ def train(
     if cfg.compile:
         del model.forward  # back to the plain method before export
     model.cpu().eval()
-    if ddp_info.main and model_cfg.input_centering:
-        n = fit_input_centers(model, data, tokenizer.sep_token_id, seed=cfg.seed)
-        log(f"input-type centres from {n} products")
-        extra = {**(extra or {}), "input_centers": {"catalog": "training data", "products": n}}
     if ddp_info.main:
         save_model(run_dir, model, tokenizer, {"train": cfg.to_dict(), "trained_steps": total, **(extra or {})})
     if ddp_info.world > 1:
         dist.barrier()
     return TrainResult(run_dir, total, last, seconds, samples / max(seconds, 1e-9))
-
-
-@torch.inference_mode()
-def fit_input_centers(model: ItemModel, data: ProductArrays, sep_id: int, sample: int = CENTER_SAMPLE,
-                      seed: int = 0, batch_size: int = 64) -> int:
-    """Fill ``model.input_centers`` with the mean unit [CLS] of each input type over a fixed random
-    sample of ``data``: every product with both as itself, every one with an image as an image-only
-    product ([CLS] [SEP] + patches, as the encoder builds it) and every one with a title as a
-    title-only product. Returns the sample size. The model must be in eval mode."""
-    rows = np.arange(len(data))
-    if len(rows) > sample:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, sample, replace=False))
-    sums = torch.zeros(len(INPUT_TYPES), model.cfg.hidden_size, dtype=torch.float64)
-    counts = torch.zeros(len(INPUT_TYPES), dtype=torch.float64)
-    dev = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
-        b = data.batch(rows[start : start + batch_size])
-        ids, mask = b.input_ids.to(dev), b.text_mask.to(dev)
-        images = None if b.images is None else b.images.to(dev)
-        pic, text = b.has_image.to(dev), b.has_text.to(dev)
-        for kind, r in enumerate((pic & text, pic, text)):  # INPUT_TYPES order
-            if not bool(r.any()):
-                continue
-            if kind == 0:
-                out = model(ids[r], mask[r], images[r], None)
-            elif kind == 1:
-                short = torch.stack([ids[r, 0], torch.full_like(ids[r, 0], sep_id)], dim=1)  # [CLS] [SEP]
-                out = model(short, torch.ones_like(short, dtype=torch.bool), images[r], None)
-            else:
-                out = model(ids[r], mask[r], None, None)
-            sums[kind] += model.pool(out).double().sum(0).cpu()
-            counts[kind] += int(r.sum())
-    centers = (sums / counts.clamp(min=1)[:, None]).float()
-    model.input_centers.copy_(centers.to(model.input_centers.device))
-    return len(rows)
 
 
 def _save_checkpoint(run_dir: Path, model, objectives, opt, step: int, total: int, model_cfg: ModelConfig,
