@@ -26,9 +26,13 @@ train item-recipe-convcn train
 # The earlier recipes, same budget: the conv stem with GroupNorm, and the paper's linear projection.
 train item-recipe-conv train --image-stem conv
 train item-recipe train --image-stem linear
+# The HOG stem (eighth session): equal to the default at 600 steps with ten times its image-to-image
+# retrieval; this is its run at the recipe budget, on both catalogs.
+train item-recipe-hog train --image-stem hog
 # The dual encoder: same data, steps, batch, sizes and precision. Its lr multiplier stays 1: in the dual
 # "from scratch" is a whole 6-layer image tower, and at ITEm's 10x its in-batch accuracy fell back to
 # chance by step 400 (measured). Its own default stem is linear; the conv run is the like-for-like peer.
 train dual-recipe train-dual --new-lr-scale 1
 train dual-recipe-conv train-dual --new-lr-scale 1 --image-stem conv
-bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe-convcn item-recipe-conv item-recipe dual-recipe dual-recipe-conv
+bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe-convcn item-recipe-conv item-recipe item-recipe-hog dual-recipe \
+    dual-recipe-conv

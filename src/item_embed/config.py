@@ -158,7 +158,7 @@ class ObjectiveConfig:
     # states (0: all of them). A photo cannot predict its title, so pulling the whole photo-only
     # embedding onto the full one (both ways) spends the title's precision; a slice gives the picture
     # its own part of the full embedding and leaves the rest to the title (fusion_sweep.py's shape).
-    # Measured (RESULTS.md, item-hog-ctrd96): it does not; joint R@1 0.460 against 0.424 with the whole.
+    # Measured (RESULTS.md, item-hog-ctrd96): it does not; joint R@1 0.462 against 0.424 with the whole.
     contrastive_dims: int = 0
     # Optional image-side term (SimCLR): in-batch InfoNCE between the image-only embeddings of two random
     # views of each photo (augment.random_views: crop, flip, colour jitter with any hue, greyscale), so
