@@ -346,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reduced views the contrastive term pulls towards the full product: image, title or "
                         "image,title (each costs one extra forward pass)")
     t.add_argument("--contrastive-dims", type=int, default=ObjectiveConfig.contrastive_dims,
-                   help="the contrastive term compares only the last N coordinates of the embeddings (0: all); "
-                        "with --contrastive-both-ways the picture gets its own part of the full embedding")
+                   help="the contrastive term compares only the last N coordinates of the embeddings (0: all), "
+                        "meant to give the picture its own part of the full embedding (measured: it does not keep "
+                        "joint precision; benchmarks/RESULTS.md)")
     t.add_argument("--contrastive-both-ways", action="store_true",
                    help="let the contrastive term move the full product's embedding too (default: it is the "
                         "fixed target; both ways made [CLS] copy the image in our runs)")
