@@ -342,8 +342,8 @@ class ItemObjectives(nn.Module):
                 full = model.pool(out)[rows]
                 if self.cfg.contrastive_stop_grad:
                     full = full.detach()
-                part = self._contrastive_part
-                terms = [self.heads["contrastive"](part(view_embeddings(model, mb, rows, v)), part(full))
+                full = self._contrastive_part(full)  # once, shared by every view
+                terms = [self.heads["contrastive"](self._contrastive_part(view_embeddings(model, mb, rows, v)), full)
                          for v in self.cfg.views]
                 losses["contrastive"] = sum(terms) / len(terms)
 
