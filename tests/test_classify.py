@@ -259,6 +259,8 @@ def test_finetune_cli(finetuned_clf, tiny_run, tiny_catalog, tmp_path, capsys):
     tuned = ItemEncoder.from_pretrained(finetuned_clf, device="cpu")  # a model folder in its own right
     assert meta["options"]["finetuned_from"] == base.model_id
     assert tuned.model_id == meta["model_id"] != base.model_id
+    # The head reads [CLS]: the tuned encoder drops the base model's shape slice.
+    assert base.model.shape is not None and tuned.model.shape is None and tuned.dim == base.cfg.hidden_size
     changed = [k for k, v in tuned.model.state_dict().items() if not np.array_equal(v, base.model.state_dict()[k])]
     assert changed, "fine-tuning left the encoder untouched"
     h = meta["metrics"]["heldout"]

@@ -273,7 +273,7 @@ def test_cli_index_prints_and_records(embedded, tmp_path, capsys):
     assert main(["index", str(embedded), "--out", str(tmp_path / "h"), "--kind", "hnsw", "--ef-search", "16"]) == 0
     out = capsys.readouterr().out
     n = len(pd.read_parquet(embedded))
-    assert f"indexed {n} products: dim 64, kind hnsw" in out and "ef_search=16" in out
+    assert f"indexed {n} products: dim 96, kind hnsw" in out and "ef_search=16" in out
     assert "recall@10 vs exact search:" in out
     manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
     assert manifest["count"] == n and manifest["catalog"].endswith("catalog.csv")

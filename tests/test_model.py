@@ -129,12 +129,14 @@ def test_stem_model_saves_and_reloads(tmp_path, stem):
 
 
 def test_linear_stem_keeps_the_config_hash_of_earlier_models():
-    """image_stem came later: a linear-stem model hashes as before, so existing indexes still match."""
-    cfg = model_config_for("tiny")
+    """image_stem and the shape slice came later: a linear-stem model without a slice hashes as before,
+    so existing indexes still match."""
+    cfg = model_config_for("tiny", shape_dims=0)
     old = cfg.to_dict()
-    del old["image_stem"]
+    del old["image_stem"], old["shape_dims"], old["shape_weight"]
     assert ModelConfig.from_dict(old).config_hash() == cfg.config_hash() == "acaa99986d0b2932"
-    assert model_config_for("tiny", image_stem="conv").config_hash() != cfg.config_hash()
+    assert model_config_for("tiny", image_stem="conv", shape_dims=0).config_hash() != cfg.config_hash()
+    assert model_config_for("tiny").config_hash() != cfg.config_hash()
 
 
 @pytest.mark.parametrize("stem", ["hog", "hog_colour"])

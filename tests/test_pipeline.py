@@ -75,7 +75,7 @@ def test_embed_and_evaluate(tiny_catalog, tiny_run, tmp_path, capsys):
     assert list(frame["id"]) == list(catalog["id"])
     for col in ("title", "group", "category", "colour", "pattern"):
         assert list(frame[col]) == list(catalog[col]), f"{col} not carried through"
-    assert emb.shape == (len(catalog), 64)
+    assert emb.shape == (len(catalog), 64 + 32)  # tiny preset: [CLS] and the shape slice
     # The file's embeddings are what the library call gives.
     lib = ItemEncoder.from_pretrained(tiny_run).encode(
         [{"title": t, "image": tiny_catalog.parent / p} for t, p in zip(catalog["title"][:5], catalog["image"][:5])])

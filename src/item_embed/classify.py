@@ -27,7 +27,7 @@ import shutil
 import warnings
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -443,7 +443,12 @@ def fit_finetune(data: ProductArrays | Sequence[Product], labels: Sequence[Any],
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    model = copy.deepcopy(encoder.model).to(dev)
+    model = copy.deepcopy(encoder.model)
+    if model.shape is not None:
+        # The head learns on [CLS]; the tuned encoder's embeddings must be what the head reads.
+        model.cfg = replace(model.cfg, shape_dims=0)
+        model.shape = None
+    model = model.to(dev)
     d = model.cfg.hidden_size
     scale = math.sqrt(d)
     head = torch.nn.Linear(d, len(learnt)).to(dev)

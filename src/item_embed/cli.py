@@ -43,7 +43,8 @@ def _model_config(a: argparse.Namespace, cache_meta: dict | None = None):
 
     shape = dict(image_size=a.image_size, patch_size=getattr(a, "patch_size", None), max_text_len=a.max_text_len,
                  use_description=a.use_description or None, pooling=getattr(a, "pooling", None),
-                 image_stem=getattr(a, "image_stem", None))
+                 image_stem=getattr(a, "image_stem", None), shape_dims=getattr(a, "shape_dims", None),
+                 shape_weight=getattr(a, "shape_weight", None))
     if cache_meta:
         for key in ("image_size", "max_text_len", "use_description"):
             if shape[key] is not None and shape[key] != cache_meta[key]:
@@ -322,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch pixels -> embeddings: early convolutions with per-pixel channel norm "
                         "(conv_channelnorm, default) or GroupNorm (conv), ITEm's linear projection (linear), or "
                         "each patch's HOG through an MLP (hog: colour-free; hog_colour: with its mean colour)")
+    t.add_argument("--shape-dims", type=int,
+                   help="whitened HOG coordinates of the photo appended to [CLS], fitted on the catalog's photos "
+                        "after training: what answers photo-only queries (default 256; tiny preset 32; 0 = none)")
+    t.add_argument("--shape-weight", type=float,
+                   help="weight of the shape coordinates beside [CLS] (default 0.1: products and title queries "
+                        "rank by [CLS]; photo queries rank by shape at any weight)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
     t.add_argument("--new-lr-scale", type=float,

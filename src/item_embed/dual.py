@@ -26,7 +26,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -148,7 +148,7 @@ class DualModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dual: DualConfig | None = None, text_bert: BertModel | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg = replace(cfg, shape_dims=0)  # ITEm's shape slice is no part of the peer
         self.dual = dual or DualConfig()
         if text_bert is None:
             text_bert = BertModel(bert_config(cfg), add_pooling_layer=False)
@@ -296,6 +296,7 @@ def train_dual(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dual_cfg = dual_cfg or DualConfig()
+    model_cfg = replace(model_cfg, shape_dims=0)  # as DualModel has it (checkpoints compare configs)
     cfg = cfg.with_lr_scale_default(DUAL_NEW_LR_SCALE)
     if cfg.grad_accum != 1:
         raise ValueError("the dual encoder does not accumulate gradients: in-batch negatives need the whole batch")

@@ -43,7 +43,7 @@ class ItemEncoder:
 
     @property
     def dim(self) -> int:
-        return self.cfg.hidden_size
+        return self.cfg.embedding_dim
 
     @property
     def model_id(self) -> str:
@@ -77,9 +77,11 @@ class ItemEncoder:
         dev = self.device
         images = None if batch.images is None else batch.images.to(dev)
         ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        has_image = batch.has_image.to(dev)
         with ctx:
-            out = self.model(batch.input_ids.to(dev), batch.text_mask.to(dev), images, batch.has_image.to(dev))
-        return self.model.pool(out).cpu().numpy().astype(np.float32)
+            out = self.model(batch.input_ids.to(dev), batch.text_mask.to(dev), images, has_image)
+            emb = self.model.product_embedding(out, images, batch.has_text.to(dev), has_image)
+        return emb.cpu().numpy().astype(np.float32)
 
     def encode(self, products: Iterable[Mapping[str, Any] | Product], batch_size: int = 64,
                show_progress: bool = False, image_root: str | Path | None = None) -> np.ndarray:

@@ -21,6 +21,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from .config import HOG_STEMS, STEM_NORMS, ModelConfig
 from .images import HOG_BINS, HOG_CELLS, patch_hog, patchify
+from .shape import ShapeSlice
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
 
@@ -161,6 +162,7 @@ class ItemModel(nn.Module):
         self.mask_patch = nn.Parameter(torch.zeros(1, 1, h))
         nn.init.trunc_normal_(self.image_pos, std=0.02)
         nn.init.trunc_normal_(self.mask_patch, std=0.02)
+        self.shape = ShapeSlice(cfg.image_size, cfg.patch_size, cfg.shape_dims) if cfg.shape_dims else None
 
     @classmethod
     def from_minilm(cls, cfg: ModelConfig) -> "ItemModel":
@@ -237,3 +239,21 @@ class ItemModel(nn.Module):
             m = out.attention_mask.unsqueeze(-1).to(out.hidden.dtype)
             v = (out.hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(v.float(), dim=-1)
+
+    def product_embedding(self, out: EncoderOutput, images: torch.Tensor | None, has_text: torch.Tensor,
+                          has_image: torch.Tensor) -> torch.Tensor:
+        """(B, cfg.embedding_dim) L2-normalised: ``pool(out)`` and, with a shape slice, the photo's
+        shape part at ``cfg.shape_weight`` (item_embed.shape). Once the slice is fitted, a row
+        without text drops its [CLS] part: a title-less [CLS] carries no product identity (on the
+        default recipe every photo-only [CLS] is the same vector), only a bias towards products
+        whose titles look empty."""
+        v = self.pool(out)
+        if self.shape is None:
+            return v
+        if images is None:
+            s = v.new_zeros(v.shape[0], self.cfg.shape_dims)
+        else:
+            s = self.shape(images, has_image)
+        if self.shape.fitted:
+            v = v * has_text.to(v.dtype).unsqueeze(1)
+        return F.normalize(torch.cat([v, self.cfg.shape_weight * s], dim=1), dim=-1)

@@ -287,6 +287,16 @@ def train(
     if cfg.compile:
         del model.forward  # back to the plain method before export
     model.cpu().eval()
+    if ddp_info.main and model.shape is not None:
+        # The shape slice is fitted once on the training photos, without labels (item_embed.shape).
+        photo_rows = np.flatnonzero(data.has_image)
+        if len(photo_rows) >= 2:
+            t1 = time.perf_counter()
+            photos = model.shape.fit(data.images, photo_rows)
+            log(f"shape slice fitted on {photos} photos in {time.perf_counter() - t1:.1f}s")
+        else:
+            log(f"the shape slice is left unfitted: {len(photo_rows)} photo(s) in the catalog, 2 needed "
+                "(embeddings are [CLS] alone, padded with zeros)")
     if ddp_info.main:
         save_model(run_dir, model, tokenizer, {"train": cfg.to_dict(), "trained_steps": total, **(extra or {})})
     if ddp_info.world > 1:
