@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .images import LUMA, luminance
+
 # ITU-R BT.601 RGB <-> YIQ. Hue rotates the (I, Q) chroma plane around the luminance axis Y.
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
+_RGB_TO_YIQ = torch.tensor([list(LUMA),
                             [0.596, -0.274, -0.322],
                             [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
-_LUMA = _RGB_TO_YIQ[0]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) RGB -> (B, 1, H, W) luminance (BT.601)."""
-    return torch.einsum("c,bchw->bhw", _LUMA, x).unsqueeze(1)
+    return luminance(x.movedim(1, -1)).unsqueeze(1)
 
 
 def _crop_flip(x: torch.Tensor, policy: ViewPolicy, g: torch.Generator) -> torch.Tensor:

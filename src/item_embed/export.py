@@ -146,11 +146,18 @@ def read_embedding_metadata(path: str | Path) -> dict[str, str]:
     return {k[len(prefix):].decode(): v.decode() for k, v in meta.items() if k.startswith(prefix)}
 
 
-def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """(columns other than the embedding, float32 (n, d) embeddings) of an embedding file or sharded folder."""
+def read_embedding_table(path: str | Path) -> pa.Table:
+    """The whole table of an embedding file, or of a sharded folder's parts read as one (rows count
+    across parts); ValueError when it has no embedding column."""
     table = pa.concat_tables([pq.read_table(f) for f in part_files(Path(path))])
     if EMBEDDING not in table.column_names:
         raise ValueError(f"{path} has no {EMBEDDING!r} column: not an item-embed embedding file")
+    return table
+
+
+def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """(columns other than the embedding, float32 (n, d) embeddings) of an embedding file or sharded folder."""
+    table = read_embedding_table(path)
     col = table.column(EMBEDDING).combine_chunks()
     if isinstance(col.type, pa.FixedSizeListType):
         emb = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)

@@ -167,6 +167,14 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> tor
     return x.reshape(b, g * patch_size, g * patch_size, channels)
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights of R, G, B
+
+
+def luminance(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3) channels-last RGB -> (...) BT.601 luminance."""
+    return x[..., 0] * LUMA[0] + x[..., 1] * LUMA[1] + x[..., 2] * LUMA[2]
+
+
 HOG_BINS = 9  # unsigned orientations, 20 degrees each (Dalal & Triggs)
 HOG_CELLS = 2  # cells per patch side: a 16-px patch is 2x2 cells of 8 px
 
@@ -186,7 +194,7 @@ def patch_hog(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     b, s, _, _ = images.shape
     assert patch_size % HOG_CELLS == 0, f"patch {patch_size} does not split into {HOG_CELLS} cells"
     x = images.float() / 255.0
-    lum = (x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114).unsqueeze(1)  # (B, 1, S, S)
+    lum = luminance(x).unsqueeze(1)  # (B, 1, S, S)
     lum = F.pad(lum, (1, 1, 1, 1), mode="replicate")
     gx = lum[:, :, 1:-1, 2:] - lum[:, :, 1:-1, :-2]
     gy = lum[:, :, 2:, 1:-1] - lum[:, :, :-2, 1:-1]

@@ -148,16 +148,12 @@ def read_embedding_rows(path: str | Path, strict: bool = False,
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from .export import EMBEDDING, part_files, read_embedding_metadata
+    from .export import EMBEDDING, read_embedding_metadata, read_embedding_table
 
     report = report if report is not None else IndexReport()
     report.source = str(path)
-    # A sharded `embed` output (a folder of checksummed parts) reads as one table: rows count across parts.
-    table = pa.concat_tables([pq.read_table(f) for f in part_files(Path(path))])
-    if EMBEDDING not in table.column_names:
-        raise ValueError(f"{path} has no {EMBEDDING!r} column: not an item-embed embedding file")
+    table = read_embedding_table(path)
     if "id" not in table.column_names:
         raise ValueError(f"{path} has no 'id' column: not an item-embed embedding file")
     col = table.column(EMBEDDING).combine_chunks()
