@@ -20,22 +20,23 @@ train() {  # train NAME SUBCOMMAND [FLAGS...]
       --no-progress --resume "$@"
   echo "$name ($steps steps): $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
 }
-# No objective, lr or stem flags on purpose: this run checks that the defaults are the recipe
-# (since the fifth session the conv stem with per-pixel channel norm).
-train item-recipe-convcn train
-# The earlier recipes, same budget: the conv stem with GroupNorm, and the paper's linear projection.
-train item-recipe-conv train --image-stem conv
-train item-recipe train --image-stem linear
-# The HOG stem (eighth session): equal to the default at 600 steps with ten times its image-to-image
-# retrieval; this is its run at the recipe budget, on both catalogs.
-train item-recipe-hog train --image-stem hog
-train item-recipe-hog-s1 train --image-stem hog --seed 1  # second seed (hm-dev only, evaluated below)
+# No flags on purpose: this run checks that the defaults are the recipe (since the fifth session the
+# conv stem with per-pixel channel norm; since the ninth the shape slice beside [CLS]).
+train item-recipe-shape train
+# The other ITEm runs compare [CLS] alone (--shape-dims 0; the slice is fitted after training and
+# leaves [CLS] as it is): the default recipe without the slice, the earlier recipes (the conv stem
+# with GroupNorm, the paper's linear projection), and the HOG stem (eighth session).
+train item-recipe-convcn train --shape-dims 0
+train item-recipe-conv train --image-stem conv --shape-dims 0
+train item-recipe train --image-stem linear --shape-dims 0
+train item-recipe-hog train --image-stem hog --shape-dims 0
+train item-recipe-hog-s1 train --image-stem hog --seed 1 --shape-dims 0  # second seed (hm-dev only, evaluated below)
 # The dual encoder: same data, steps, batch, sizes and precision. Its lr multiplier stays 1: in the dual
 # "from scratch" is a whole 6-layer image tower, and at ITEm's 10x its in-batch accuracy fell back to
 # chance by step 400 (measured). Its own default stem is linear; the conv run is the like-for-like peer.
 train dual-recipe train-dual --new-lr-scale 1
 train dual-recipe-conv train-dual --new-lr-scale 1 --image-stem conv
-bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe-convcn item-recipe-conv item-recipe item-recipe-hog dual-recipe \
+bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe-shape item-recipe-convcn item-recipe-conv item-recipe item-recipe-hog dual-recipe \
     dual-recipe-conv
 "$bin/item-embed" evaluate "$here/../shared/data/hm-dev.parquet" --featurizer "item:$out/item-recipe-hog-s1" --group group \
     --labels product_type,product_group --out-dir "$out/eval-hm-item-recipe-hog-s1" --no-progress

@@ -95,8 +95,11 @@ for name in item-all5 item-mlm-mim item-mlm-mim-itm item-all5-contrastive item-a
             item-hog-ctrd96; do
   [ -f "$out/$name/model.safetensors" ] && continue
   start=$(date +%s)
+  # --shape-dims 0: the ablations compare [CLS] alone (the shape slice is fitted after training and
+  # leaves [CLS] as it is; these runs predate it).
   "$bin/item-embed" train "$out/cache96" --out "$out/$name" --steps "$steps" --batch-size 32 \
-      --patch-size 16 --loss-weights "${weights[$name]}" ${flags[$name]:-} --save-every 200 --no-progress --resume
+      --patch-size 16 --loss-weights "${weights[$name]}" ${flags[$name]:-} --shape-dims 0 --save-every 200 \
+      --no-progress --resume
   echo "$name: $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
 done
 # The CLIP-style peer: same cache, steps, batch, image/patch size and precision.

@@ -81,7 +81,10 @@ def run_rows(out: Path) -> list[list[object]]:
                 weights += " (+ their whole picture by global MIM)"
         if obj.get("mim_target", "pixels") != "pixels":
             weights += f", MIM target {obj['mim_target']}"
-        stem = cfg.get("model", {}).get("image_stem", "linear")  # runs saved before the option: linear
+        model = cfg.get("model", {})
+        stem = model.get("image_stem", "linear")  # runs saved before the option: linear
+        if model.get("shape_dims"):  # runs saved before the shape slice have none
+            stem += f" + shape slice ({model['shape_dims']} dims x {model['shape_weight']:g})"
         last = {}
         metrics = run / "metrics.jsonl"
         if metrics.is_file():
@@ -160,7 +163,7 @@ def main() -> int:
         "length, precision and preprocessing cache for all; wall seconds are on the shared 2-core machine and "
         "swing with other jobs (some runs shared the cores with another run or an evaluation; a resumed run "
         "shows its last segment only), so the step count is the budget that is equal):",
-        C.markdown_table(["run", "objectives", "steps", "batch", "image stem", "lr x (from scratch)", "wall s",
+        C.markdown_table(["run", "objectives", "steps", "batch", "image stem (+ embedding slice)", "lr x (from scratch)", "wall s",
                           "final logged losses"], runs),
         "### hm-dev: same-product retrieval (gallery: full products; 3,828 queries)",
         C.markdown_table(["features", "joint R@1", "joint R@10", "joint MAP@R", "image R@1", "image R@10",

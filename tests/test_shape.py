@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from item_embed.config import ModelConfig, model_config_for
+from item_embed.config import RECIPE_SHAPE_DIMS, ModelConfig, model_config_for
 from item_embed.data import load_tokenizer
 from item_embed.encode import ItemEncoder
 from item_embed.model import ItemModel
@@ -60,7 +60,9 @@ def test_fit_with_fewer_photos_than_dims_zero_pads_and_subsamples():
 
 
 def test_config_defaults_old_models_and_bad_values():
-    assert ModelConfig().shape_dims == 256 and model_config_for("tiny").shape_dims == 32
+    # ITEm's own embedding ([CLS] alone) is the dataclass default; the presets carry the recipe.
+    assert ModelConfig().shape_dims == 0 and model_config_for("tiny").shape_dims == 32
+    assert model_config_for("minilm").shape_dims == RECIPE_SHAPE_DIMS == 256
     assert model_config_for("tiny").embedding_dim == 64 + 32
     old = model_config_for("tiny").to_dict()
     del old["shape_dims"], old["shape_weight"]

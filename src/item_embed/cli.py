@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .catalog import Catalog, CatalogError, CatalogReport, Columns
 from .checkpoint import CheckpointError
-from .config import IMAGE_STEMS, RECIPE_IMAGE_STEM, ObjectiveConfig, TrainConfig, model_config_for, parse_loss_weights
+from .config import (IMAGE_STEMS, PRESETS, RECIPE_IMAGE_STEM, ObjectiveConfig, TrainConfig, model_config_for,
+                     parse_loss_weights)
 
 
 def _add_catalog_args(p: argparse.ArgumentParser) -> None:
@@ -41,9 +42,11 @@ def _model_config(a: argparse.Namespace, cache_meta: dict | None = None):
     """The model config from --preset and the shape options (a cache's preprocessing fills gaps)."""
     from .model import minilm_model_config
 
+    shape_dims = getattr(a, "shape_dims", None)
     shape = dict(image_size=a.image_size, patch_size=getattr(a, "patch_size", None), max_text_len=a.max_text_len,
                  use_description=a.use_description or None, pooling=getattr(a, "pooling", None),
-                 image_stem=getattr(a, "image_stem", None), shape_dims=getattr(a, "shape_dims", None),
+                 image_stem=getattr(a, "image_stem", None),
+                 shape_dims=PRESETS[a.preset].get("shape_dims", 0) if shape_dims is None else shape_dims,
                  shape_weight=getattr(a, "shape_weight", None))
     if cache_meta:
         for key in ("image_size", "max_text_len", "use_description"):

