@@ -135,3 +135,29 @@ def test_unfitted_slice_leaves_photo_only_rows_their_cls():
 def test_training_fits_the_slice_and_saves_it(tiny_run):
     enc = ItemEncoder.from_pretrained(tiny_run, device="cpu")
     assert enc.model.shape.fitted and enc.dim == enc.cfg.hidden_size + enc.cfg.shape_dims
+
+
+def test_fit_shape_gives_a_model_without_a_slice_one_and_keeps_cls(tiny_catalog, tmp_path, capsys):
+    from PIL import Image
+
+    from item_embed.cli import main
+
+    plain = tmp_path / "plain"
+    assert main(["train", str(tiny_catalog), "--out", str(plain), "--preset", "tiny", "--steps", "2",
+                 "--batch-size", "8", "--no-progress", "--precision", "fp32", "--shape-dims", "0"]) == 0
+    before = ItemEncoder.from_pretrained(plain, device="cpu")
+    assert before.model.shape is None and before.dim == 64
+    shaped = tmp_path / "shaped"
+    assert main(["fit-shape", str(tiny_catalog), "--model", str(plain), "--out", str(shaped), "--shape-dims", "16",
+                 "--no-progress"]) == 0
+    after = ItemEncoder.from_pretrained(shaped, device="cpu")
+    assert after.model.shape.fitted and after.dim == 64 + 16 and after.model_id != before.model_id
+    photo = Image.open(tiny_catalog.parent / "images" / sorted((tiny_catalog.parent / "images").iterdir())[0].name)
+    recs = [{"title": "blue striped mug", "image": photo}, {"title": "blue striped mug"}]
+    old, new = before.encode(recs), after.encode(recs)
+    # Same transformer: the [CLS] part is the old embedding, scaled by the slice's share of the norm.
+    np.testing.assert_allclose(new[0, :64] / np.linalg.norm(new[0, :64]), old[0], atol=1e-5)
+    np.testing.assert_allclose(new[1, :64], old[1], atol=1e-5)
+    capsys.readouterr()
+    assert main(["fit-shape", str(tiny_catalog), "--model", str(plain), "--out", str(plain)]) == 2
+    assert "must be a new folder" in capsys.readouterr().err
