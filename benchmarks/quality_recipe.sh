@@ -40,3 +40,8 @@ bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe-shape item-recipe-con
     dual-recipe-conv
 "$bin/item-embed" evaluate "$here/../shared/data/hm-dev.parquet" --featurizer "item:$out/item-recipe-hog-s1" --group group \
     --labels product_type,product_group --out-dir "$out/eval-hm-item-recipe-hog-s1" --no-progress
+# The HOG stem's run with the shape slice fitted afterwards (`fit-shape`: same transformer weights).
+[ -f "$out/item-recipe-hog-shape/model.safetensors" ] || \
+    "$bin/item-embed" fit-shape "$out/cache96" --model "$out/item-recipe-hog" --out "$out/item-recipe-hog-shape" --no-progress
+"$bin/item-embed" evaluate "$here/../shared/data/hm-dev.parquet" --featurizer "item:$out/item-recipe-hog-shape" --group group \
+    --labels product_type,product_group --out-dir "$out/eval-hm-item-recipe-hog-shape" --no-progress

@@ -91,6 +91,9 @@ def run_rows(out: Path) -> list[list[object]]:
             lines = metrics.read_text().splitlines()
             if lines:
                 last = json.loads(lines[-1])
+        elif cfg.get("shape_slice"):  # `fit-shape` output: the source run's training, its own slice
+            stem += f", slice refitted from {Path(cfg['shape_slice']['from_model']).name}"
+            last = {"step": cfg.get("trained_steps", "?")}
         losses = ", ".join(f"{k} {last[k]:.3f}" for k in ("itm", "itm_acc", "mlm", "mim", "contrastive",
                                                           "image_contrastive", "title_from_image", "image_from_image", "loss")
                            if k in last)
