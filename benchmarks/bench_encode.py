@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from item_embed.catalog import Catalog  # noqa: E402
+from item_embed.config import RECIPE_SHAPE_DIMS  # noqa: E402
 from item_embed.data import load_tokenizer  # noqa: E402
 from item_embed.encode import ItemEncoder  # noqa: E402
 from item_embed.export import embed_catalog  # noqa: E402
@@ -144,6 +146,19 @@ def main() -> int:
                 enc.encode_products(products[i : i + BATCH])
 
         model_s[p], _, _ = C.measure_clean(model_only, budget=budget)
+    # The recipe's shape slice (item_embed.shape): the same transformer plus the photo's whitened HOG,
+    # fitted here on these products' photos; timed on the same decoded products, bf16.
+    shaped = ItemModel(replace(cfg, shape_dims=RECIPE_SHAPE_DIMS))
+    shaped.load_state_dict(model.state_dict(), strict=False)
+    photos = np.stack([p.image for p in products if p.image is not None])
+    shaped.shape.fit(photos)
+    shaped_enc = ItemEncoder(shaped, tokenizer, device="cpu", precision="bf16")
+
+    def model_shaped() -> None:
+        for i in range(0, len(products), BATCH):
+            shaped_enc.encode_products(products[i : i + BATCH])
+
+    shaped_s, _, _ = C.measure_clean(model_shaped, budget=budget)
     load_end = C.loadavg()
     # bf16 changes the numbers a little: how far are its embeddings from fp32's (same products, same order)?
     from item_embed.export import read_embeddings
@@ -177,6 +192,8 @@ def main() -> int:
     for p in ("fp32", "bf16"):
         bd_rows.append([f"tokenise + batch + model, {p} (encode_products on decoded products)",
                         f"{model_s[p]:.2f}", f"{len(frame) / model_s[p]:.0f}"])
+    bd_rows.append([f"the same, bf16, with the shape slice ({RECIPE_SHAPE_DIMS} dims; x{shaped_s / model_s['bf16']:.2f} "
+                    "the time without)", f"{shaped_s:.2f}", f"{len(frame) / shaped_s:.0f}"])
     print()
     print(C.text_table(bd_headers, bd_rows))
     seq_note = (f"sequence length per product: item-embed {item_tokens:.1f} text tokens + {cfg.num_patches} patches "
