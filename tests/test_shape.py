@@ -57,6 +57,8 @@ def test_fit_with_fewer_photos_than_dims_zero_pads_and_subsamples():
     assert big.fit(_photos(50), max_photos=20) == 20
     with pytest.raises(ValueError, match="at least 2 photos"):
         ShapeSlice(32, 8, dims=4).fit(_photos(1))
+    same = ShapeSlice(32, 8, dims=4)
+    assert same.fit(np.repeat(_photos(1), 3, axis=0)) == 0 and not same.fitted  # nothing to whiten
 
 
 def test_config_defaults_old_models_and_bad_values():

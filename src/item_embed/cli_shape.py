@@ -71,6 +71,8 @@ def cmd_fit_shape(a: argparse.Namespace) -> int:
     if len(rows) < 2:
         raise ValueError(f"{a.catalog}: {len(rows)} usable photo(s); the shape slice needs at least 2")
     photos = model.shape.fit(images if not isinstance(images, list) else _Rows(images), rows)
+    if not photos:
+        raise ValueError(f"{a.catalog}: every photo has the same shape descriptor; nothing to fit")
     kept = {k: v for k, v in config.items() if k not in ("format", "model", "config_hash", "weights_sha256")}
     save_model(out, model.eval(), load_tokenizer(src),
                {**kept, "shape_slice": {"from_model": str(src), "catalog": str(a.catalog), "photos": photos}})

@@ -22,8 +22,8 @@ IMAGE_STEMS = ("linear", *STEM_NORMS, *HOG_STEMS)
 # The shape slice of `item-embed train`'s recipe (item_embed.shape): 256 whitened HOG coordinates
 # beside [CLS]. The dataclass default stays 0 (ITEm's embedding is [CLS] alone, and a config saved
 # before the option has none); the presets and the CLI carry the recipe. Measured on hm-dev with the
-# 3,000-step recipe (benchmarks/RESULTS.md): photo queries R@1 0.003 -> 0.46 at the same joint R@1;
-# 128 dims 0.44, 512 dims 0.48 for twice the extra size.
+# 3,000-step recipe (benchmarks/RESULTS.md): photo queries R@1 0.003 -> 0.425, joint R@1 0.997 -> 0.996;
+# offline, 128 / 256 / 512 dims gave 0.44 / 0.46 / 0.48 (512: twice the extra size for +0.02).
 RECIPE_SHAPE_DIMS = 256
 
 

@@ -9,7 +9,8 @@ Why (benchmarks/RESULTS.md, "Quality"): trained from scratch on a CPU budget, th
 the transformer never learns a photo embedding that finds a product's colour variants (best
 image-only query R@1 on hm-dev 0.18, at a joint R@1 of 0.42), and the photo-only ``[CLS]`` of the
 default recipe has collapsed to one vector for every photo. The histograms of oriented gradients
-of the 96-px photo find them at 0.43 (the ``hog`` baseline), 0.46 square-rooted and whitened.
+of the 96-px photo find them at 0.43 (the ``hog`` baseline), 0.46 square-rooted and whitened
+(0.425 in the model, whose photos are padded to a square before resizing).
 Because a photo query's ``[CLS]`` part is zero and every gallery product has the same norm,
 photo queries rank by the shape slice alone for any ``w`` > 0; a small ``w`` keeps the
 product-to-product and title-query rankings those of ``[CLS]``.
@@ -75,7 +76,8 @@ class ShapeSlice(nn.Module):
     @torch.no_grad()
     def fit(self, images, rows: np.ndarray | None = None, max_photos: int = FIT_MAX_PHOTOS) -> int:
         """Fit mean and whitening on ``images[rows]`` (an indexable of uint8 (S, S, 3) arrays, e.g.
-        ``ProductArrays.images``; rows: those with a photo). Returns the number of photos used.
+        ``ProductArrays.images``; rows: those with a photo). Returns the number of photos used, 0 (and
+        stays unfitted) when they all have the same descriptor.
 
         With fewer photos than dimensions the directions past the sample's rank get zero columns (a
         tiny catalog cannot estimate them), so the embedding keeps its size."""
@@ -99,6 +101,8 @@ class ShapeSlice(nn.Module):
         evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
         # Directions with (numerically) no variance are left out: nothing to whiten there.
         keep = min(dims, n - 1, d, int((evals > 1e-10 * evals[0]).sum()))
+        if keep == 0:  # every photo has the same descriptor: nothing to tell photos apart by
+            return 0
         std = evals[:keep].sqrt()
         proj = torch.zeros(d, dims, dtype=torch.float64)
         if keep:

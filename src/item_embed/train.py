@@ -293,10 +293,11 @@ def train(
         if len(photo_rows) >= 2:
             t1 = time.perf_counter()
             photos = model.shape.fit(data.images, photo_rows)
-            log(f"shape slice fitted on {photos} photos in {time.perf_counter() - t1:.1f}s")
-        else:
-            log(f"the shape slice is left unfitted: {len(photo_rows)} photo(s) in the catalog, 2 needed "
-                "(embeddings are [CLS] alone, padded with zeros)")
+            if photos:
+                log(f"shape slice fitted on {photos} photos in {time.perf_counter() - t1:.1f}s")
+        if not model.shape.fitted:
+            log(f"the shape slice is left unfitted ({len(photo_rows)} photo(s), 2 distinct ones needed): "
+                "embeddings are [CLS] alone, padded with zeros")
     if ddp_info.main:
         save_model(run_dir, model, tokenizer, {"train": cfg.to_dict(), "trained_steps": total, **(extra or {})})
     if ddp_info.world > 1:
