@@ -163,3 +163,20 @@ def test_fit_shape_gives_a_model_without_a_slice_one_and_keeps_cls(tiny_catalog,
     capsys.readouterr()
     assert main(["fit-shape", str(tiny_catalog), "--model", str(plain), "--out", str(plain)]) == 2
     assert "must be a new folder" in capsys.readouterr().err
+
+
+def test_fit_shape_from_a_cache_and_a_cache_of_another_size(tiny_catalog, tiny_run, tmp_path, capsys):
+    from item_embed.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["prepare", str(tiny_catalog), "--out", str(cache), "--preset", "tiny", "--no-progress"]) == 0
+    out = tmp_path / "refit"
+    assert main(["fit-shape", str(cache), "--model", str(tiny_run), "--out", str(out), "--no-progress"]) == 0
+    refit = ItemEncoder.from_pretrained(out, device="cpu")
+    assert refit.model.shape.fitted and int(refit.model.shape.photos) == 121
+    wrong = tmp_path / "cache48"
+    assert main(["prepare", str(tiny_catalog), "--out", str(wrong), "--preset", "tiny", "--image-size", "48",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["fit-shape", str(wrong), "--model", str(tiny_run), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "prepared at 48 px, the model reads 32 px" in capsys.readouterr().err
