@@ -2,9 +2,10 @@
 
 item-embed runs the path ``item-embed embed`` runs: ``export.embed_catalog`` over a ``Catalog`` whose
 ``image`` column holds JPEG bytes (``Catalog.iter_chunks`` decodes them in its thread pool, then
-``ItemEncoder.encode_products`` in batches of 64, then Parquet writing). The model is the minilm
-preset (MiniLM text weights, random image side; speed does not depend on the weights), image 96 /
-patch 16, in fp32 and in bf16. The baseline is sentence-transformers all-MiniLM-L6-v2 encoding the
+``ItemEncoder.encode_products`` in batches of 64, then Parquet writing). The model is what `item-embed
+train` makes by default: the minilm preset (MiniLM text weights, random image side; speed does not
+depend on the weights) with the recipe's conv stem and shape slice (fitted on the benchmark's own
+photos), image 96 / patch 16, in fp32 and in bf16. The baseline is sentence-transformers all-MiniLM-L6-v2 encoding the
 same titles alone (``SentenceTransformer.encode``, batch 64). Rounds are interleaved; model loading
 and one warm-up batch per system are excluded.
 
@@ -29,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from item_embed.catalog import Catalog  # noqa: E402
-from item_embed.config import RECIPE_SHAPE_DIMS  # noqa: E402
+from item_embed.config import RECIPE_IMAGE_STEM, model_config_for  # noqa: E402
 from item_embed.data import load_tokenizer  # noqa: E402
 from item_embed.encode import ItemEncoder  # noqa: E402
 from item_embed.export import embed_catalog  # noqa: E402
-from item_embed.model import ItemModel, minilm_model_config, minilm_path  # noqa: E402
+from item_embed.model import ItemModel, minilm_path  # noqa: E402
 
 BATCH = 64
 TARGET = 0.5
@@ -68,17 +69,26 @@ def main() -> int:
 
     frame, source = load_frame(n)
     titles = [str(t) for t in frame["title"]]
-    cfg = minilm_model_config(image_size=96, patch_size=16)
+    # The model `item-embed train` makes by default (preset minilm: the recipe's stem and shape slice).
+    cfg = model_config_for("minilm", image_size=96, patch_size=16, image_stem=RECIPE_IMAGE_STEM)
     torch.manual_seed(0)
     model = ItemModel.from_minilm(cfg)
     tokenizer = load_tokenizer()
+    catalog = Catalog(frame, source="bench")
+    products: list = []
+
+    def decode() -> None:
+        products[:] = [p for chunk in catalog.iter_chunks(cfg.image_size, chunk_size=BATCH * 4) for p in chunk]
+
+    decode()
+    # An unfitted slice outputs zeros without computing anything: fit it, as `train` does.
+    model.shape.fit(np.stack([p.image for p in products if p.image is not None]))
     encoders = {p: ItemEncoder(model, tokenizer, device="cpu", precision=p) for p in ("fp32", "bf16")}
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(minilm_path()), device="cpu")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_encode_"))
-    catalog = Catalog(frame, source="bench")
 
     def run_item(precision: str) -> float:
         t0 = time.perf_counter()
@@ -132,33 +142,26 @@ def main() -> int:
                 runs[k]()
             v.append(it.seconds)
 
-    # Breakdown of item-embed's time: decoding alone, then the model path on already decoded products.
-    products: list = []
-
-    def decode() -> None:
-        products[:] = [p for chunk in catalog.iter_chunks(cfg.image_size, chunk_size=BATCH * 4) for p in chunk]
-
+    # Breakdown of item-embed's time: decoding alone, then the model path on already decoded products,
+    # and, bf16, the same path without the shape slice and with the paper's linear patch projection.
     decode_s, _, _ = C.measure_clean(decode, budget=budget)
+    plain = ItemModel(replace(cfg, shape_dims=0))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    linear = ItemModel(replace(cfg, shape_dims=0, image_stem="linear"))
+    linear.load_state_dict(model.state_dict(), strict=False)
+    # bf16 as the encoder ran it before its bfloat16 copy: autocast over the fp32 weights.
+    autocast_only = ItemEncoder(model, tokenizer, device="cpu", precision="bf16")
+    autocast_only.runner = model
+    variants = {**encoders, "autocast": autocast_only,
+                "no_slice": ItemEncoder(plain, tokenizer, device="cpu", precision="bf16"),
+                "linear": ItemEncoder(linear, tokenizer, device="cpu", precision="bf16")}
     model_s = {}
-    for p, enc in encoders.items():
+    for p, enc in variants.items():
         def model_only(enc=enc) -> None:
             for i in range(0, len(products), BATCH):
                 enc.encode_products(products[i : i + BATCH])
 
         model_s[p], _, _ = C.measure_clean(model_only, budget=budget)
-    # The recipe's shape slice (item_embed.shape): the same transformer plus the photo's whitened HOG,
-    # fitted here on these products' photos; timed on the same decoded products, bf16.
-    shaped = ItemModel(replace(cfg, shape_dims=RECIPE_SHAPE_DIMS))
-    shaped.load_state_dict(model.state_dict(), strict=False)
-    photos = np.stack([p.image for p in products if p.image is not None])
-    shaped.shape.fit(photos)
-    shaped_enc = ItemEncoder(shaped, tokenizer, device="cpu", precision="bf16")
-
-    def model_shaped() -> None:
-        for i in range(0, len(products), BATCH):
-            shaped_enc.encode_products(products[i : i + BATCH])
-
-    shaped_s, _, _ = C.measure_clean(model_shaped, budget=budget)
     load_end = C.loadavg()
     # bf16 changes the numbers a little: how far are its embeddings from fp32's (same products, same order)?
     from item_embed.export import read_embeddings
@@ -182,7 +185,7 @@ def main() -> int:
          f"{rate['st']:.0f}", "1.00"],
     ]
     for p in ("fp32", "bf16"):
-        rows.append([f"item-embed minilm preset, {p}", "embed_catalog: JPEG decode + tokenise + encode + Parquet",
+        rows.append([f"item-embed default recipe, {p}", "embed_catalog: JPEG decode + tokenise + encode + Parquet",
                      f"{len(times[p])} ({dropped[p]})", f"{med[p]:.2f}", f"{rate[p]:.0f}", f"{rate[p] / rate['st']:.2f}"])
     print()
     print(C.text_table(headers, rows))
@@ -192,8 +195,10 @@ def main() -> int:
     for p in ("fp32", "bf16"):
         bd_rows.append([f"tokenise + batch + model, {p} (encode_products on decoded products)",
                         f"{model_s[p]:.2f}", f"{len(frame) / model_s[p]:.0f}"])
-    bd_rows.append([f"the same, bf16, with the shape slice ({RECIPE_SHAPE_DIMS} dims; x{shaped_s / model_s['bf16']:.2f} "
-                    "the time without)", f"{shaped_s:.2f}", f"{len(frame) / shaped_s:.0f}"])
+    for p, what in (("autocast", "autocast over the fp32 weights instead of the encoder's bf16 copy"),
+                    ("no_slice", "without the shape slice"), ("linear", "linear patch projection, no slice")):
+        bd_rows.append([f"the same, bf16, {what} (x{model_s[p] / model_s['bf16']:.2f} the recipe's time)",
+                        f"{model_s[p]:.2f}", f"{len(frame) / model_s[p]:.0f}"])
     print()
     print(C.text_table(bd_headers, bd_rows))
     seq_note = (f"sequence length per product: item-embed {item_tokens:.1f} text tokens + {cfg.num_patches} patches "
@@ -212,8 +217,9 @@ def main() -> int:
         return 0
     quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     body = f"""{C.run_context(load_start, load_end, quiet, wall)}
-- Data: {source}. Batch {BATCH}. item-embed: `ItemModel.from_minilm(minilm_model_config(image_size=96,
-  patch_size=16))` in `ItemEncoder`, timed through `export.embed_catalog` (the `item-embed embed` path:
+- Data: {source}. Batch {BATCH}. item-embed: `ItemModel.from_minilm(model_config_for("minilm", image_size=96,
+  patch_size=16, image_stem="{RECIPE_IMAGE_STEM}"))` (the default recipe: conv stem, {cfg.shape_dims}-dim shape slice
+  fitted on these photos) in `ItemEncoder`, timed through `export.embed_catalog` (the `item-embed embed` path:
   `Catalog.iter_chunks` decodes the JPEG bytes, `encode_products`, Parquet writing). Baseline:
   `SentenceTransformer(minilm_path()).encode(titles, batch_size=64)`. {rounds} interleaved round(s),
   median reported; model loading and a warm-up batch excluded; a run during which other processes used

@@ -63,6 +63,25 @@ def test_embedding_does_not_depend_on_batch_companions(encoder):
     assert np.abs(together - alone).max() < 1e-5
 
 
+def test_bf16_encoder_runs_a_bf16_copy_and_leaves_the_model_fp32():
+    """bf16 encodes with its own bfloat16 copy (shape slice shared, fp32): the model it was given keeps its
+    fp32 weights (what gets saved and fine-tuned), and the embeddings stay those of fp32 within bf16's rounding."""
+    torch.manual_seed(0)
+    model = ItemModel(model_config_for("tiny", image_stem="conv_channelnorm")).eval()
+    rng = np.random.default_rng(0)
+    model.shape.fit(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    tok = load_tokenizer()
+    fp32, bf16 = ItemEncoder(model, tok, device="cpu"), ItemEncoder(model, tok, device="cpu", precision="bf16")
+    assert fp32.runner is model and bf16.runner is not model and bf16.runner.shape is model.shape
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in bf16.runner.parameters())
+    assert model.shape.proj.dtype == torch.float32
+    recs = [{"title": f"green sock {i}", "image": _img(i)} for i in range(6)] + [{"title": "cap"}, {"image": _img(9)}]
+    a, b = fp32.encode(recs), bf16.encode(recs)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    cos = (a * b).sum(axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(a, b)  # bf16 did run, and stayed close
+
 def test_encode_rejects_empty_record_naming_it(encoder):
     with pytest.raises(ValueError, match="'x9'"):
         encoder.encode([{"id": "x9", "title": "  "}])

@@ -398,7 +398,8 @@ class EncoderFeaturizer(CachedFeaturizer):
 
     @property
     def _item_model(self):
-        model = getattr(self.encoder, "model", None)
+        # The module that actually runs (ItemEncoder's bf16 copy in bf16), so attention hooks see it.
+        model = getattr(self.encoder, "runner", getattr(self.encoder, "model", None))
         return model if hasattr(model, "bert") and hasattr(model, "pool") else None
 
     def _embed(self, products: RawProducts, mode: str) -> np.ndarray:
