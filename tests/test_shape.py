@@ -61,6 +61,18 @@ def test_fit_with_fewer_photos_than_dims_zero_pads_and_subsamples():
     assert same.fit(np.repeat(_photos(1), 3, axis=0)) == 0 and not same.fitted  # nothing to whiten
 
 
+def test_fit_from_a_stream_of_batches_is_the_fit_on_the_whole_array():
+    photos = _photos(300, seed=4)
+    whole, streamed = ShapeSlice(32, 8, dims=16), ShapeSlice(32, 8, dims=16)
+    assert whole.fit(photos) == 300
+    # Uneven and empty batches, as a catalog's chunks come.
+    assert streamed.fit_batches([photos[:7], photos[7:7], photos[7:250], photos[250:]]) == 300
+    torch.testing.assert_close(streamed.mean, whole.mean)
+    torch.testing.assert_close(streamed.proj, whole.proj)
+    with pytest.raises(ValueError, match="got 1"):
+        ShapeSlice(32, 8, dims=4).fit_batches(iter([photos[:1]]))
+
+
 def test_config_defaults_old_models_and_bad_values():
     # ITEm's own embedding ([CLS] alone) is the dataclass default; the presets carry the recipe.
     assert ModelConfig().shape_dims == 0 and model_config_for("tiny").shape_dims == 32
@@ -174,9 +186,27 @@ def test_fit_shape_from_a_cache_and_a_cache_of_another_size(tiny_catalog, tiny_r
     assert main(["fit-shape", str(cache), "--model", str(tiny_run), "--out", str(out), "--no-progress"]) == 0
     refit = ItemEncoder.from_pretrained(out, device="cpu")
     assert refit.model.shape.fitted and int(refit.model.shape.photos) == 121
+    # The catalog file streams through the same fit: the same photos give the same slice.
+    streamed = tmp_path / "streamed"
+    assert main(["fit-shape", str(tiny_catalog), "--model", str(tiny_run), "--out", str(streamed), "--no-progress"]) == 0
+    from_file = ItemEncoder.from_pretrained(streamed, device="cpu").model.shape
+    torch.testing.assert_close(from_file.mean, refit.model.shape.mean)
+    torch.testing.assert_close(from_file.proj, refit.model.shape.proj)
     wrong = tmp_path / "cache48"
     assert main(["prepare", str(tiny_catalog), "--out", str(wrong), "--preset", "tiny", "--image-size", "48",
                  "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["fit-shape", str(wrong), "--model", str(tiny_run), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "prepared at 48 px, the model reads 32 px" in capsys.readouterr().err
+
+
+def test_fit_shape_from_a_catalog_keeps_every_kth_photo_past_the_cap(tiny_catalog, tiny_run, tmp_path, monkeypatch):
+    import item_embed.shape as shape_module
+    from item_embed.catalog import Catalog
+    from item_embed.cli import main
+
+    monkeypatch.setattr(shape_module, "FIT_MAX_PHOTOS", 50)
+    out = tmp_path / "capped"
+    assert main(["fit-shape", str(tiny_catalog), "--model", str(tiny_run), "--out", str(out), "--no-progress"]) == 0
+    step = -(-len(Catalog.open(tiny_catalog)) // 50)
+    assert step > 1 and int(ItemEncoder.from_pretrained(out, device="cpu").model.shape.photos) == -(-121 // step) <= 50

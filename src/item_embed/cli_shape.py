@@ -9,6 +9,7 @@ model folder (its id differs: embeddings and indexes of the old model do not mix
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,34 +17,52 @@ from pathlib import Path
 import numpy as np
 
 
-def _photos(a: argparse.Namespace, image_size: int):
-    """(indexable of uint8 (S, S, 3) photos, rows with a photo, catalog report or None)."""
+def _fit(a: argparse.Namespace, shape, size: int) -> tuple[int, object]:
+    """Fit ``shape`` on the photos of ``a.catalog`` (a catalog file or a prepare cache): (photos used,
+    catalog report or None). A catalog file is streamed chunk by chunk, keeping every k-th photo so at
+    most ``FIT_MAX_PHOTOS`` are used, evenly spread as in ``ShapeSlice.fit``; only one batch of them is in
+    memory at a time (every row is still read and checked, so the report accounts for all of them)."""
     from .catalog import CatalogReport
     from .cli import _open_catalog
     from .data import is_cache, load_cache
+    from .shape import FIT_BATCH, FIT_MAX_PHOTOS
 
     if is_cache(a.catalog):
         data, meta = load_cache(a.catalog)
-        if meta["image_size"] != image_size:
-            raise ValueError(f"the cache was prepared at {meta['image_size']} px, the model reads {image_size} px")
-        return data.images, np.flatnonzero(data.has_image), None
+        if meta["image_size"] != size:
+            raise ValueError(f"the cache was prepared at {meta['image_size']} px, the model reads {size} px")
+        rows = np.flatnonzero(data.has_image)
+        if len(rows) < 2:
+            raise ValueError(f"{a.catalog}: {len(rows)} usable photo(s); the shape slice needs at least 2")
+        return shape.fit(data.images, rows), None
     report = CatalogReport()
-    images = [p.image for chunk in _open_catalog(a).iter_chunks(image_size, strict=a.strict, report=report)
-              for p in chunk if p.image is not None]
-    return images, np.arange(len(images)), report
+    catalog = _open_catalog(a)
+    step = max(1, math.ceil(len(catalog) / FIT_MAX_PHOTOS))
+    seen, done = 0, False
 
+    def batches():
+        nonlocal seen, done
+        pending = []
+        for chunk in catalog.iter_chunks(size, strict=a.strict, report=report):
+            for p in chunk:
+                if p.image is None:
+                    continue
+                if seen % step == 0:
+                    pending.append(p.image)
+                seen += 1
+                if len(pending) == FIT_BATCH:
+                    yield np.stack(pending)
+                    pending = []
+        if pending:
+            yield np.stack(pending)
+        done = True
 
-class _Rows:
-    """``images[rows]`` for a list of arrays, as ShapeSlice.fit indexes a memory-mapped cache."""
-
-    def __init__(self, images: list) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, rows) -> np.ndarray:
-        return np.stack([self.images[i] for i in rows])
+    try:
+        return shape.fit_batches(batches()), report
+    except ValueError as e:
+        if not done or seen >= 2:  # a bad row under --strict, not too few photos
+            raise
+        raise ValueError(f"{a.catalog}: {seen} usable photo(s); the shape slice needs at least 2") from e
 
 
 def cmd_fit_shape(a: argparse.Namespace) -> int:
@@ -67,10 +86,7 @@ def cmd_fit_shape(a: argparse.Namespace) -> int:
     if unexpected or any(not k.startswith("shape.") for k in missing):
         raise RuntimeError(f"{src}: weights do not fit (missing {missing}, unexpected {unexpected})")
     t0 = time.perf_counter()
-    images, rows, report = _photos(a, cfg.image_size)
-    if len(rows) < 2:
-        raise ValueError(f"{a.catalog}: {len(rows)} usable photo(s); the shape slice needs at least 2")
-    photos = model.shape.fit(images if not isinstance(images, list) else _Rows(images), rows)
+    photos, report = _fit(a, model.shape, cfg.image_size)
     if not photos:
         raise ValueError(f"{a.catalog}: every photo has the same shape descriptor; nothing to fit")
     kept = {k: v for k, v in config.items() if k not in ("format", "model", "config_hash", "weights_sha256")}

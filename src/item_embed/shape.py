@@ -21,6 +21,8 @@ without labels on the training catalog's photos at the end of ``train``.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -76,25 +78,35 @@ class ShapeSlice(nn.Module):
     @torch.no_grad()
     def fit(self, images, rows: np.ndarray | None = None, max_photos: int = FIT_MAX_PHOTOS) -> int:
         """Fit mean and whitening on ``images[rows]`` (an indexable of uint8 (S, S, 3) arrays, e.g.
-        ``ProductArrays.images``; rows: those with a photo). Returns the number of photos used, 0 (and
-        stays unfitted) when they all have the same descriptor.
-
-        With fewer photos than dimensions the directions past the sample's rank get zero columns (a
-        tiny catalog cannot estimate them), so the embedding keeps its size."""
+        ``ProductArrays.images``; rows: those with a photo), at most ``max_photos`` of them evenly
+        spaced. Returns the number of photos used, 0 (and stays unfitted) when they all have the same
+        descriptor."""
         rows = np.arange(len(images)) if rows is None else np.asarray(rows)
         if len(rows) > max_photos:
             rows = rows[np.linspace(0, len(rows) - 1, max_photos).round().astype(np.int64)]
-        if len(rows) < 2:
-            raise ValueError(f"the shape slice needs at least 2 photos to fit, got {len(rows)}")
+        return self.fit_batches(np.ascontiguousarray(images[rows[start : start + FIT_BATCH]])
+                                for start in range(0, len(rows), FIT_BATCH))
+
+    @torch.no_grad()
+    def fit_batches(self, batches: Iterable[np.ndarray | torch.Tensor]) -> int:
+        """Fit on a stream of uint8 (B, S, S, 3) photo batches in one pass, holding one batch at a time
+        (a catalog too large for memory streams through here). Returns as :meth:`fit`.
+
+        With fewer photos than dimensions the directions past the sample's rank get zero columns (a
+        tiny catalog cannot estimate them), so the embedding keeps its size."""
         d, dims = self.proj.shape
         total = torch.zeros(d, dtype=torch.float64)
         outer = torch.zeros(d, d, dtype=torch.float64)
-        for start in range(0, len(rows), FIT_BATCH):
-            batch = torch.from_numpy(np.ascontiguousarray(images[rows[start : start + FIT_BATCH]]))
-            x = shape_descriptor(batch, self.patch_size).double()
+        n = 0
+        for batch in batches:
+            if len(batch) == 0:
+                continue
+            x = shape_descriptor(torch.as_tensor(batch), self.patch_size).double()
             total += x.sum(0)
             outer += x.T @ x
-        n = len(rows)
+            n += len(x)
+        if n < 2:
+            raise ValueError(f"the shape slice needs at least 2 photos to fit, got {n}")
         mean = total / n
         cov = outer / n - torch.outer(mean, mean)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
@@ -105,8 +117,7 @@ class ShapeSlice(nn.Module):
             return 0
         std = evals[:keep].sqrt()
         proj = torch.zeros(d, dims, dtype=torch.float64)
-        if keep:
-            proj[:, :keep] = evecs[:, :keep] / (std + WHITEN_EPS * std[0])
+        proj[:, :keep] = evecs[:, :keep] / (std + WHITEN_EPS * std[0])
         self.mean.copy_(mean.float())
         self.proj.copy_(proj.float())
         self.photos.fill_(n)
