@@ -23,6 +23,7 @@ train() {  # train NAME SUBCOMMAND [FLAGS...]
 # No flags on purpose: this run checks that the defaults are the recipe (since the fifth session the
 # conv stem with per-pixel channel norm; since the ninth the shape slice beside [CLS]).
 train item-recipe-shape train
+train item-recipe-shape-s1 train --seed 1  # the default's second seed (hm-dev only, evaluated below; tenth session)
 # The other ITEm runs compare [CLS] alone (--shape-dims 0; the slice is fitted after training and
 # leaves [CLS] as it is): the default recipe without the slice, the earlier recipes (the conv stem
 # with GroupNorm, the paper's linear projection), and the HOG stem (eighth session).
@@ -38,8 +39,10 @@ train dual-recipe train-dual --new-lr-scale 1
 train dual-recipe-conv train-dual --new-lr-scale 1 --image-stem conv
 bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe-shape item-recipe-convcn item-recipe-conv item-recipe item-recipe-hog dual-recipe \
     dual-recipe-conv
-"$bin/item-embed" evaluate "$here/../shared/data/hm-dev.parquet" --featurizer "item:$out/item-recipe-hog-s1" --group group \
-    --labels product_type,product_group --out-dir "$out/eval-hm-item-recipe-hog-s1" --no-progress
+for run in item-recipe-hog-s1 item-recipe-shape-s1; do
+  "$bin/item-embed" evaluate "$here/../shared/data/hm-dev.parquet" --featurizer "item:$out/$run" --group group \
+      --labels product_type,product_group --out-dir "$out/eval-hm-$run" --no-progress
+done
 # The HOG stem's run with the shape slice fitted afterwards (`fit-shape`: same transformer weights).
 [ -f "$out/item-recipe-hog-shape/model.safetensors" ] || \
     "$bin/item-embed" fit-shape "$out/cache96" --model "$out/item-recipe-hog" --out "$out/item-recipe-hog-shape" --no-progress
