@@ -82,6 +82,7 @@ def test_bf16_encoder_runs_a_bf16_copy_and_leaves_the_model_fp32():
     cos = (a * b).sum(axis=1)
     assert cos.min() > 0.99 and not np.array_equal(a, b)  # bf16 did run, and stayed close
 
+
 def test_encode_rejects_empty_record_naming_it(encoder):
     with pytest.raises(ValueError, match="'x9'"):
         encoder.encode([{"id": "x9", "title": "  "}])

@@ -210,3 +210,21 @@ def test_fit_shape_from_a_catalog_keeps_every_kth_photo_past_the_cap(tiny_catalo
     assert main(["fit-shape", str(tiny_catalog), "--model", str(tiny_run), "--out", str(out), "--no-progress"]) == 0
     step = -(-len(Catalog.open(tiny_catalog)) // 50)
     assert step > 1 and int(ItemEncoder.from_pretrained(out, device="cpu").model.shape.photos) == -(-121 // step) <= 50
+
+
+def test_fit_shape_refuses_a_catalog_with_one_photo_naming_it(tiny_run, tmp_path, capsys):
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from item_embed.cli import main
+
+    buf = io.BytesIO()
+    Image.fromarray(_photos(1)[0]).save(buf, format="PNG")
+    catalog = tmp_path / "one_photo.parquet"
+    pd.DataFrame({"id": ["a", "b"], "title": ["blue mug", "red mug"], "image": [buf.getvalue(), None]}).to_parquet(catalog)
+    capsys.readouterr()
+    assert main(["fit-shape", str(catalog), "--model", str(tiny_run), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(catalog) in err and "at least 2 photos to fit, got 1" in err

@@ -22,47 +22,44 @@ def _fit(a: argparse.Namespace, shape, size: int) -> tuple[int, object]:
     catalog report or None). A catalog file is streamed chunk by chunk, keeping every k-th photo so at
     most ``FIT_MAX_PHOTOS`` are used, evenly spread as in ``ShapeSlice.fit``; only one batch of them is in
     memory at a time (every row is still read and checked, so the report accounts for all of them)."""
-    from .catalog import CatalogReport
+    from .catalog import CatalogError, CatalogReport
     from .cli import _open_catalog
     from .data import is_cache, load_cache
     from .shape import FIT_BATCH, FIT_MAX_PHOTOS
 
+    report = None
     if is_cache(a.catalog):
         data, meta = load_cache(a.catalog)
         if meta["image_size"] != size:
             raise ValueError(f"the cache was prepared at {meta['image_size']} px, the model reads {size} px")
-        rows = np.flatnonzero(data.has_image)
-        if len(rows) < 2:
-            raise ValueError(f"{a.catalog}: {len(rows)} usable photo(s); the shape slice needs at least 2")
-        return shape.fit(data.images, rows), None
-    report = CatalogReport()
-    catalog = _open_catalog(a)
-    step = max(1, math.ceil(len(catalog) / FIT_MAX_PHOTOS))
-    seen, done = 0, False
+        fit = lambda: shape.fit(data.images, np.flatnonzero(data.has_image))  # noqa: E731
+    else:
+        report = CatalogReport()
+        catalog = _open_catalog(a)
+        step = max(1, math.ceil(len(catalog) / FIT_MAX_PHOTOS))
 
-    def batches():
-        nonlocal seen, done
-        pending = []
-        for chunk in catalog.iter_chunks(size, strict=a.strict, report=report):
-            for p in chunk:
-                if p.image is None:
-                    continue
-                if seen % step == 0:
-                    pending.append(p.image)
-                seen += 1
-                if len(pending) == FIT_BATCH:
-                    yield np.stack(pending)
-                    pending = []
-        if pending:
-            yield np.stack(pending)
-        done = True
+        def batches():
+            pending, seen = [], 0
+            for chunk in catalog.iter_chunks(size, strict=a.strict, report=report):
+                for p in chunk:
+                    if p.image is None:
+                        continue
+                    if seen % step == 0:
+                        pending.append(p.image)
+                    seen += 1
+                    if len(pending) == FIT_BATCH:
+                        yield np.stack(pending)
+                        pending = []
+            if pending:
+                yield np.stack(pending)
 
+        fit = lambda: shape.fit_batches(batches())  # noqa: E731
     try:
-        return shape.fit_batches(batches()), report
-    except ValueError as e:
-        if not done or seen >= 2:  # a bad row under --strict, not too few photos
-            raise
-        raise ValueError(f"{a.catalog}: {seen} usable photo(s); the shape slice needs at least 2") from e
+        return fit(), report
+    except CatalogError:  # a bad row under --strict: its message names the row
+        raise
+    except ValueError as e:  # too few photos
+        raise ValueError(f"{a.catalog}: {e}") from None
 
 
 def cmd_fit_shape(a: argparse.Namespace) -> int:
