@@ -231,6 +231,66 @@ def test_add_remove_without_rebuild(tmp_path, kind, options):
     assert "p1" in index, "a refused remove changed the index"
 
 
+@pytest.mark.parametrize("kind, options", [("flat", {}), ("hnsw", {}), ("ivf", {"nlist": 8, "nprobe": 2})])
+def test_add_and_remove_while_other_threads_search(kind, options):
+    """Updates wait for running searches and hold new ones off: searches from several threads during
+    add/remove cycles never fail, always get k hits, and never see a product that is not in the index."""
+    import threading
+
+    index, x = make_index(400, kind, **options)
+    extra = unit(20, seed=5)
+    ever = {f"p{i}" for i in range(400)} | {f"new{i}" for i in range(20)}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                hits = index.search(x[rng.integers(0, 400, 8)], k=5)
+                assert all(len(row) == 5 for row in hits)
+                assert {h.id for row in hits for h in row} <= ever
+                index.search_id("p0", k=3)  # p0 is never removed
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for cycle in range(30):
+            index.add([f"new{i}" for i in range(20)], extra)
+            gone = [f"p{i}" for i in range(1 + cycle % 5, 400, 9)]
+            index.remove(gone + [f"new{i}" for i in range(20)])
+            index.add(gone, x[[int(g[1:]) for g in gone]])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[0]
+    assert len(index) == 400 and [r[0].id for r in index.search(x[:3], k=1)] == ["p0", "p1", "p2"]
+
+
+def test_read_write_lock_lets_readers_share_and_a_writer_wait_for_them():
+    import threading
+
+    from item_embed.index import _ReadWriteLock
+
+    lock, events = _ReadWriteLock(), []
+
+    def write() -> None:
+        with lock.write():
+            events.append("wrote")
+
+    with lock.read(), lock.read():  # readers share
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(0.2)
+        assert writer.is_alive() and not events  # the writer waits for both readers
+    writer.join(5)
+    assert events == ["wrote"]
+
+
 @pytest.mark.parametrize("kind, options", [("hnsw", {}), ("ivf", {"nlist": 8, "nprobe": 2})])
 def test_approximate_kinds_record_recall(kind, options):
     index, _ = make_index(1200, kind, **options)

@@ -22,12 +22,14 @@ import os
 import shutil
 import tempfile
 import math
+import threading
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -333,12 +335,56 @@ def _recall_at_k(index: faiss.Index, x: np.ndarray, params, k: int = RECALL_K,
     return {"k": k, "recall": float(hit.sum() / (len(rows) * k)), "queries": int(len(rows)), "count": int(len(x))}
 
 
+class _ReadWriteLock:
+    """Many readers or one writer. A waiting writer goes before readers that come after it, so a stream
+    of searches cannot hold an update off forever. Not re-entrant: take it once per public call."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 class ProductIndex:
     """A FAISS index over products' unit vectors plus their ids, metadata and a manifest.
 
     Build with ``ProductIndex.build`` / ``from_embedding_file``, persist with ``save`` / ``load``;
-    ``add`` and ``remove`` change it in place without retraining or rebuilding. ``search`` may run
-    from several threads at once; ``add``, ``remove`` and ``save`` must not overlap with anything.
+    ``add`` and ``remove`` change it in place without retraining or rebuilding. Safe across threads:
+    ``search``, ``search_id``, ``vector`` and ``save`` run side by side; ``add`` and ``remove`` wait
+    for them and hold them off while they change the index (FAISS itself does not allow adding or
+    removing during a search).
     """
 
     def __init__(self, index: faiss.Index, ids: list[str], labels: np.ndarray, metadata: pd.DataFrame,
@@ -351,6 +397,8 @@ class ProductIndex:
         self._spec = IndexSpec(kind=manifest["kind"], **manifest["options"])
         self._tombstones = np.asarray(tombstones if tombstones is not None else [], dtype=np.int64)
         self._row_of = {pid: i for i, pid in enumerate(self._ids)}
+        self._lock = _ReadWriteLock()
+        self._save_lock = threading.Lock()  # two saves at once would race on the same folder
         self._apply_search_options()
         self._refresh_filter()
 
@@ -499,6 +547,10 @@ class ProductIndex:
         queries: (q, d) or (d,), normalised here; exclude: per query, ids never to return (e.g.
         the query product itself). Returns q lists of up to k hits, best first.
         """
+        with self._lock.read():
+            return self._search(queries, k, exclude)
+
+    def _search(self, queries: np.ndarray, k: int, exclude: list[set[str]] | None) -> list[list[Hit]]:
         q = _normalised(queries, self.dim, "queries")
         if exclude is not None and len(exclude) != len(q):
             raise ValueError(f"exclude has {len(exclude)} sets for {len(q)} queries")
@@ -529,10 +581,15 @@ class ProductIndex:
 
     def search_id(self, product_id: str, k: int = 10) -> list[Hit]:
         """The k products nearest to an indexed product, itself excluded."""
-        return self.search(self.vector(product_id)[None, :], k, exclude=[{str(product_id)}])[0]
+        with self._lock.read():
+            return self._search(self._vector(product_id)[None, :], k, exclude=[{str(product_id)}])[0]
 
     def vector(self, product_id: str) -> np.ndarray:
         """The stored (normalised) float32 (d,) vector of a product."""
+        with self._lock.read():
+            return self._vector(product_id)
+
+    def _vector(self, product_id: str) -> np.ndarray:
         row = self._row_of.get(str(product_id))
         if row is None:
             raise KeyError(f"product {product_id!r} is not in the index")
@@ -542,6 +599,10 @@ class ProductIndex:
 
     def add(self, ids: Iterable, embeddings: np.ndarray, metadata: pd.DataFrame | None = None) -> None:
         """Add products without rebuilding; ids already indexed are refused (remove them first)."""
+        with self._lock.write():
+            self._add(ids, embeddings, metadata)
+
+    def _add(self, ids: Iterable, embeddings: np.ndarray, metadata: pd.DataFrame | None) -> None:
         ids = _id_list(ids)
         x = _normalised(embeddings, self.dim)
         if len(x) != len(ids):
@@ -565,6 +626,10 @@ class ProductIndex:
 
     def remove(self, ids: Iterable) -> None:
         """Remove products without rebuilding; unknown ids raise KeyError naming them."""
+        with self._lock.write():
+            self._remove(ids)
+
+    def _remove(self, ids: Iterable) -> None:
         ids = list(dict.fromkeys(str(i) for i in ids))
         unknown = [i for i in ids if i not in self._row_of]
         if unknown:
@@ -597,6 +662,10 @@ class ProductIndex:
         keep_files: names of plain files beside the index being overwritten to carry into the new folder
         (an update keeps the build's report); anything else of the old folder goes with it.
         """
+        with self._save_lock, self._lock.read():
+            return self._save(directory, extra_files, keep_files)
+
+    def _save(self, directory: str | Path, extra_files: dict[str, str] | None, keep_files: Sequence[str]) -> Path:
         target = Path(directory)
         is_index = (target / MANIFEST_FILE).is_file()
         if target.exists() and not is_index and (not target.is_dir() or any(target.iterdir())):
