@@ -143,23 +143,34 @@ def main() -> int:
             v.append(it.seconds)
 
     # Breakdown of item-embed's time: decoding alone, then the model path on already decoded products,
-    # and, bf16, the same path without the shape slice and with the paper's linear patch projection.
+    # and, bf16, the same path with one thing changed at a time (autocast, batch order, slice, stem).
     decode_s, _, _ = C.measure_clean(decode, budget=budget)
-    plain = ItemModel(replace(cfg, shape_dims=0))
-    plain.load_state_dict(model.state_dict(), strict=False)
-    linear = ItemModel(replace(cfg, shape_dims=0, image_stem="linear"))
-    linear.load_state_dict(model.state_dict(), strict=False)
+
+    def variant(**changes) -> ItemModel:
+        """The timed model with ``changes`` to its config; the tensors that still fit (the text side, the
+        fitted slice) come from it (speed does not depend on the weights)."""
+        other = ItemModel(replace(cfg, **changes))
+        own = other.state_dict()
+        other.load_state_dict({k: v for k, v in model.state_dict().items() if k in own and own[k].shape == v.shape},
+                              strict=False)
+        return other
+
     # bf16 as the encoder ran it before its bfloat16 copy: autocast over the fp32 weights.
     autocast_only = ItemEncoder(model, tokenizer, device="cpu", precision="bf16")
     autocast_only.runner = model
-    variants = {**encoders, "autocast": autocast_only,
-                "no_slice": ItemEncoder(plain, tokenizer, device="cpu", precision="bf16"),
-                "linear": ItemEncoder(linear, tokenizer, device="cpu", precision="bf16")}
+    other_stems = [s for s in ("conv_channelnorm", "conv4_channelnorm", "linear") if s != RECIPE_IMAGE_STEM]
+    variants = {**encoders, "autocast": autocast_only, "unsorted": encoders["bf16"],
+                "no_slice": ItemEncoder(variant(shape_dims=0), tokenizer, device="cpu", precision="bf16"),
+                **{s: ItemEncoder(variant(image_stem=s), tokenizer, device="cpu", precision="bf16") for s in other_stems}}
     model_s = {}
     for p, enc in variants.items():
-        def model_only(enc=enc) -> None:
-            for i in range(0, len(products), BATCH):
-                enc.encode_products(products[i : i + BATCH])
+        def model_only(enc=enc, by_length=p != "unsorted") -> None:
+            if by_length:  # as embed_catalog does: chunks of 4 batches, titles grouped by length
+                for i in range(0, len(products), BATCH * 4):
+                    enc.encode_batched(products[i : i + BATCH * 4], BATCH)
+            else:
+                for i in range(0, len(products), BATCH):
+                    enc.encode_products(products[i : i + BATCH])
 
         model_s[p], _, _ = C.measure_clean(model_only, budget=budget)
     load_end = C.loadavg()
@@ -193,10 +204,13 @@ def main() -> int:
     bd_rows = [["JPEG decode + pad/resize (Catalog.iter_chunks, 2 threads)", f"{decode_s:.2f}",
                 f"{len(frame) / decode_s:.0f}"]]
     for p in ("fp32", "bf16"):
-        bd_rows.append([f"tokenise + batch + model, {p} (encode_products on decoded products)",
+        bd_rows.append([f"tokenise + batch + model, {p} (encode_batched on decoded products)",
                         f"{model_s[p]:.2f}", f"{len(frame) / model_s[p]:.0f}"])
-    for p, what in (("autocast", "autocast over the fp32 weights instead of the encoder's bf16 copy"),
-                    ("no_slice", "without the shape slice"), ("linear", "linear patch projection, no slice")):
+    whats = [("autocast", "autocast over the fp32 weights instead of the encoder's bf16 copy"),
+             ("unsorted", "batches in catalog order instead of grouped by title length"),
+             ("no_slice", "without the shape slice")]
+    whats += [(s, f"with the {s} stem") for s in other_stems]
+    for p, what in whats:
         bd_rows.append([f"the same, bf16, {what} (x{model_s[p] / model_s['bf16']:.2f} the recipe's time)",
                         f"{model_s[p]:.2f}", f"{len(frame) / model_s[p]:.0f}"])
     print()
@@ -220,7 +234,7 @@ def main() -> int:
 - Data: {source}. Batch {BATCH}. item-embed: `ItemModel.from_minilm(model_config_for("minilm", image_size=96,
   patch_size=16, image_stem="{RECIPE_IMAGE_STEM}"))` (the default recipe: conv stem, {cfg.shape_dims}-dim shape slice
   fitted on these photos) in `ItemEncoder`, timed through `export.embed_catalog` (the `item-embed embed` path:
-  `Catalog.iter_chunks` decodes the JPEG bytes, `encode_products`, Parquet writing). Baseline:
+  `Catalog.iter_chunks` decodes the JPEG bytes, `encode_batched`, Parquet writing). Baseline:
   `SentenceTransformer(minilm_path()).encode(titles, batch_size=64)`. {rounds} interleaved round(s),
   median reported; model loading and a warm-up batch excluded; a run during which other processes used
   more than {C.CLEAN_CORES} cores is dropped and re-run once the machine is idle ("dropped"; {budget.waited:.0f} s

@@ -63,6 +63,18 @@ def test_embedding_does_not_depend_on_batch_companions(encoder):
     assert np.abs(together - alone).max() < 1e-5
 
 
+def test_encode_batched_groups_titles_by_length_and_keeps_the_order_given(encoder):
+    """Batches are cut from products sorted by title length (less padding); rows come back in input
+    order, each the embedding the product gets alone."""
+    recs = [{"id": str(i), "title": None if i in (2, 5) else "word " * (i * 7 % 11 + 1), "image": _img(i) if i % 3 else None}
+            for i in range(1, 10)]
+    products = [encoder.to_product(r, i) for i, r in enumerate(recs)]
+    batched = encoder.encode_batched(products, batch_size=2)
+    alone = np.concatenate([encoder.encode_products([p]) for p in products])
+    assert batched.shape == (9, encoder.dim) and np.abs(batched - alone).max() < 1e-5
+    assert encoder.encode_batched([], batch_size=2).shape == (0, encoder.dim)
+
+
 def test_bf16_encoder_runs_a_bf16_copy_and_leaves_the_model_fp32():
     """bf16 encodes with its own bfloat16 copy (shape slice shared, fp32): the model it was given keeps its
     fp32 weights (what gets saved and fine-tuned), and the embeddings stay those of fp32 within bf16's rounding."""
@@ -97,7 +109,8 @@ def test_cls_pooling_is_first_token(encoder):
     assert torch.allclose(v, torch.nn.functional.normalize(out.hidden[:, 0], dim=-1))
 
 
-@pytest.mark.parametrize("stem, prefix", [("conv", "conv_stem."), ("hog", "hog_stem."), ("hog_colour", "hog_stem.")])
+@pytest.mark.parametrize("stem, prefix", [("conv", "conv_stem."), ("conv4_channelnorm", "conv_stem."), ("hog", "hog_stem."),
+                                          ("hog_colour", "hog_stem.")])
 def test_stem_shapes_and_config_checks(stem, prefix):
     model = ItemModel(model_config_for("tiny", image_stem=stem))
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
@@ -107,6 +120,8 @@ def test_stem_shapes_and_config_checks(stem, prefix):
     assert stems == {prefix[:-1]}
     with pytest.raises(ValueError, match="power of two"):
         model_config_for("tiny", image_size=36, patch_size=12, image_stem="conv")
+    with pytest.raises(ValueError, match="stride-4"):
+        model_config_for("tiny", image_size=32, patch_size=2, image_stem="conv4_channelnorm")
     model_config_for("tiny", image_size=36, patch_size=12, image_stem="hog")  # HOG only needs 2x2 cells
     with pytest.raises(ValueError, match="even"):
         model_config_for("tiny", image_size=35, patch_size=7, image_stem="hog")
@@ -186,7 +201,7 @@ def test_channel_norm_stem_keeps_far_patches_apart():
     images = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
     changed = images.clone()
     changed[:, 24:, 24:] = 255 - changed[:, 24:, 24:]  # the last of the 4x4 grid of 8-px patches
-    for stem, first_patch_moves in (("conv_channelnorm", False), ("conv", True)):
+    for stem, first_patch_moves in (("conv_channelnorm", False), ("conv4_channelnorm", False), ("conv", True)):
         model = ItemModel(model_config_for("tiny", image_stem=stem)).eval()
         with torch.no_grad():
             a, b = model.project_patches(images, None), model.project_patches(changed, None)

@@ -133,12 +133,13 @@ def _colour_catalog(path):
     return path
 
 
-@pytest.mark.parametrize("stem", ["linear", "conv", "conv_channelnorm"])
+@pytest.mark.parametrize("stem", ["linear", "conv", "conv_channelnorm", "conv4_channelnorm"])
 def test_training_lowers_every_objective(tmp_path, stem):
     """On a small fixed catalog each enabled objective's loss goes down. ITM is not checked with the
     GroupNorm conv stem: its image-wide norm removes the squares' absolute colour and ITM leaves chance
     only near step 500 of 600 (ITM loss ~0.700 -> ~0.682; linear ~0.700 -> ~0.617, per-pixel channel
-    norm (the default) ~0.700 -> ~0.622, measured)."""
+    norm ~0.700 -> ~0.622, measured). The stride-4 stem (the default) leaves chance more slowly here
+    (~0.696 -> ~0.663, measured), so its ITM is held to a 3% drop; chance stays at 0.693."""
     catalog = _colour_catalog(tmp_path / "colours.parquet")
     run = tmp_path / "learn"
     assert main(["train", str(catalog), "--out", str(run), "--steps", "600", "--batch-size", "32", "--lr", "1e-3",
@@ -147,7 +148,8 @@ def test_training_lowers_every_objective(tmp_path, stem):
     log = pd.DataFrame([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
     for name in ("itm", "mlm", "mim", "global_mlm", "global_mim")[stem == "conv":]:  # see above
         first, last = log[name].iloc[:40].mean(), log[name].iloc[-40:].mean()
-        assert last < first * 0.9, f"{name}: {first:.4f} -> {last:.4f}"
+        drop = 0.97 if (name, stem) == ("itm", "conv4_channelnorm") else 0.9
+        assert last < first * drop, f"{name}: {first:.4f} -> {last:.4f}"
 
 
 def test_prepare_cache_trains_exactly_like_the_catalog(tiny_catalog, tiny_run, tmp_path):
@@ -238,7 +240,9 @@ def test_train_defaults_to_the_recipe_stem_and_linear_stays_available(tiny_catal
     and embeds; the paper's linear projection is one option away."""
     import json
 
-    for stem, flags in (("conv_channelnorm", []), ("linear", ["--image-stem", "linear"])):
+    from item_embed.config import RECIPE_IMAGE_STEM
+
+    for stem, flags in ((RECIPE_IMAGE_STEM, []), ("linear", ["--image-stem", "linear"])):
         run = tmp_path / stem
         assert main(["train", str(tiny_catalog), "--out", str(run), "--steps", "2", "--save-every", "100",
                      *flags, *TRAIN]) == 0

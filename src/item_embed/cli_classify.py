@@ -21,8 +21,9 @@ from .cli import _add_catalog_args, _finish_report, _open_catalog, format_table
 
 
 def _encode(encoder, products, batch_size: int, progress: bool) -> np.ndarray:
-    parts = [encoder.encode_products(products[i : i + batch_size])
-             for i in tqdm(range(0, len(products), batch_size), disable=not progress, desc="embed")]
+    step = batch_size * 4  # encode_batched sorts titles by length within each step
+    parts = [encoder.encode_batched(products[i : i + step], batch_size)
+             for i in tqdm(range(0, len(products), step), disable=not progress, desc="embed")]
     return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), dtype=np.float32)
 
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .catalog import Product
 from .checkpoint import load_model
-from .data import load_tokenizer, make_batch
+from .data import Batch, ProductArrays, load_tokenizer, make_batch
 from .images import ImageError, ImageLimits, load_image_array
 from .model import ItemModel
 
@@ -88,12 +88,31 @@ class ItemEncoder:
             raise ValueError(f"record {record.get('id', index)!r} has neither an image nor a title")
         return Product(index, str(record.get("id", index)), text, image)
 
-    @torch.inference_mode()
     def encode_products(self, products: Sequence[Product]) -> np.ndarray:
         """Embed already validated products in one batch: float32 (n, d)."""
         if not products:
             return np.zeros((0, self.dim), dtype=np.float32)
-        batch = make_batch(products, self.tokenizer, self.cfg.max_text_len, self.cfg.image_size)
+        return self._encode_batch(make_batch(products, self.tokenizer, self.cfg.max_text_len, self.cfg.image_size))
+
+    def encode_batched(self, products: Sequence[Product], batch_size: int = 64) -> np.ndarray:
+        """Embed already validated products in batches of titles of similar length: float32 (n, d),
+        rows in the order given.
+
+        A batch is padded to its longest title; grouping by length trims that padding (hm-dev titles
+        in batches of 64 in catalog order: 11.1 tokens padded vs 7 on average). A product's embedding
+        does not depend on the rest of its batch (padding is masked)."""
+        out = np.zeros((len(products), self.dim), dtype=np.float32)
+        if not products:
+            return out
+        arrays = ProductArrays.build(products, self.tokenizer, self.cfg.max_text_len, self.cfg.image_size)
+        order = np.argsort(arrays.lengths, kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self._encode_batch(arrays.batch(idx))
+        return out
+
+    @torch.inference_mode()
+    def _encode_batch(self, batch: Batch) -> np.ndarray:
         dev = self.device
         images = None if batch.images is None else batch.images.to(dev)
         ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
@@ -109,9 +128,12 @@ class ItemEncoder:
         root = Path(image_root) if image_root is not None else None
         items = list(products)
         chunks = []
-        for start in tqdm(range(0, len(items), batch_size), disable=not show_progress, desc="embed"):
-            part = [self.to_product(r, start + i, root) for i, r in enumerate(items[start : start + batch_size])]
-            chunks.append(self.encode_products(part))
+        chunk = batch_size * 4  # sorted by title length within a chunk (encode_batched)
+        with tqdm(total=len(items), disable=not show_progress, desc="embed") as bar:
+            for start in range(0, len(items), chunk):
+                part = [self.to_product(r, start + i, root) for i, r in enumerate(items[start : start + chunk])]
+                chunks.append(self.encode_batched(part, batch_size))
+                bar.update(len(part))
         if not chunks:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.concatenate(chunks)

@@ -47,8 +47,7 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
             bar.update(len(part))  # rows read, bad ones included
             if not chunk:
                 continue
-            vecs = np.concatenate([encoder.encode_products(chunk[i : i + batch_size])
-                                   for i in range(0, len(chunk), batch_size)])
+            vecs = encoder.encode_batched(chunk, batch_size)
             frame = part.loc[[p.row for p in chunk], carried].reset_index(drop=True)
             frame.insert(0, "id", [p.id for p in chunk])
             frame["has_image"] = [p.image is not None for p in chunk]

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from .config import HOG_STEMS, STEM_NORMS, ModelConfig
+from .config import HOG_STEMS, PATCHIFY4_STEMS, STEM_NORMS, ModelConfig
 from .images import HOG_BINS, HOG_CELLS, patch_hog, patchify
 from .shape import ShapeSlice
 
@@ -76,16 +76,22 @@ class ChannelNorm(nn.LayerNorm):
 class ConvStem(nn.Module):
     """Early convolutions (Xiao et al., 2021): stride-2 3x3 convolutions, each halving the image,
     until one cell per patch, then a 1x1 projection to the hidden size. (B, 3, S, S) -> (B, N, H).
-    ``norm``: "group" (GroupNorm over the image) or "channel" (per pixel, :class:`ChannelNorm`)."""
+    ``norm``: "group" (GroupNorm over the image) or "channel" (per pixel, :class:`ChannelNorm`).
+    ``patchify4``: the first layer is a 4x4 stride-4 convolution to ``hidden // 4`` channels, standing
+    in for the first two stride-2 layers (the same widths from there on); it never makes the
+    full-resolution maps whose norm and GELU cost most of the stem's time."""
 
-    def __init__(self, patch_size: int, hidden: int, norm: str = "group") -> None:
+    def __init__(self, patch_size: int, hidden: int, norm: str = "group", patchify4: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        c_in, c_out = 3, max(hidden // 8, 8)
-        for _ in range(patch_size.bit_length() - 1):
+        c_in, c_out = 3, max(hidden // (4 if patchify4 else 8), 8)
+        halvings = patch_size.bit_length() - 1
+        for i in range(halvings - 1 if patchify4 else halvings):
             # Neither is BatchNorm: the embedding of a product must not depend on its batch.
             norm_layer = nn.GroupNorm(math.gcd(8, c_out), c_out) if norm == "group" else ChannelNorm(c_out)
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), norm_layer, nn.GELU()]
+            conv = (nn.Conv2d(c_in, c_out, 4, stride=4, bias=False) if patchify4 and i == 0
+                    else nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False))
+            layers += [conv, norm_layer, nn.GELU()]
             c_in, c_out = c_out, min(2 * c_out, hidden)
         layers.append(nn.Conv2d(c_in, hidden, 1))
         self.net = nn.Sequential(*layers)
@@ -126,7 +132,8 @@ def make_image_stem(cfg: ModelConfig) -> tuple[str, nn.Module]:
         return "patch_embed", nn.Linear(cfg.patch_dim, cfg.hidden_size)
     if cfg.image_stem in HOG_STEMS:
         return "hog_stem", HogStem(cfg.patch_size, cfg.hidden_size, colour=cfg.image_stem == "hog_colour")
-    return "conv_stem", ConvStem(cfg.patch_size, cfg.hidden_size, STEM_NORMS[cfg.image_stem])
+    return "conv_stem", ConvStem(cfg.patch_size, cfg.hidden_size, STEM_NORMS[cfg.image_stem],
+                                 patchify4=cfg.image_stem in PATCHIFY4_STEMS)
 
 
 def stem_patches(model: nn.Module, cfg: ModelConfig, images: torch.Tensor,

@@ -517,7 +517,7 @@ def _query_embeddings(encoder, records: list[dict], mode: str, image_root: Path 
     products = [encoder.to_product(r, i, image_root) for i, r in enumerate(records)]
     if isinstance(encoder, DualEncoder):
         return encoder.embed(products, mode)
-    return np.concatenate([encoder.encode_products(products[i : i + 64]) for i in range(0, len(products), 64)])
+    return encoder.encode_batched(products)
 
 
 def _examples_section(frame: pd.DataFrame, emb: np.ndarray, group: str, query_modes: Sequence[str], n: int,
