@@ -107,6 +107,22 @@ def test_zero_weight_turns_objective_off(tiny):
     assert torch.allclose(losses["loss"], expected)
 
 
+def test_only_sums_the_named_objectives_and_leaves_the_other_heads_without_gradient(tiny):
+    """The ITM-first phase (``only``): every loss is still computed and reported, ``loss`` is ITM's, and no
+    gradient reaches the other heads."""
+    model, obj = tiny
+    obj.only = ("itm",)
+    batch = make_batch()
+    mb = mask_batch(batch, obj.cfg, model.cfg.num_patches, SPECIALS, MASK, VOCAB, torch.Generator().manual_seed(0))
+    losses = obj(model, model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask), mb)
+    assert {"itm", "mlm", "mim", "global_mlm", "global_mim"} <= set(losses)
+    assert torch.allclose(losses["loss"], obj.cfg.itm * losses["itm"])
+    losses["loss"].backward()
+    assert next(obj.heads["itm"].parameters()).grad is not None
+    for name in ("mlm", "mim", "global_mlm", "global_mim"):
+        assert all(p.grad is None for p in obj.heads[name].parameters()), name
+
+
 def test_global_heads_see_only_cls_and_positions(tiny):
     """Changing masked positions' own outputs must not move global predictions (it must move local ones)."""
     model, obj = tiny

@@ -99,7 +99,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     tcfg = TrainConfig(steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                        precision=a.precision, save_every=a.save_every, objectives=objectives,
                        warmup_ratio=a.warmup_ratio, grad_accum=a.grad_accum, compile=a.compile,
-                       new_lr_scale=a.new_lr_scale)
+                       new_lr_scale=a.new_lr_scale, itm_first=a.itm_first)
     out = Path(a.out)
     tokenizer = load_tokenizer()
     data, cfg, report = load_training_data(a, tokenizer)
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rank by [CLS]; photo queries rank by shape at any weight)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.05)
+    t.add_argument("--itm-first", type=int, default=0, metavar="STEPS",
+                   help="optimise image-text matching alone for the first STEPS steps, then every objective "
+                        "(a curriculum; default 0)")
     t.add_argument("--new-lr-scale", type=float,
                    help="lr multiplier for what starts from scratch: patch projection, image positions, "
                         "heads (default 10; the MiniLM encoder keeps --lr)")

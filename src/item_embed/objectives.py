@@ -247,6 +247,9 @@ class ItemObjectives(nn.Module):
     def __init__(self, model: ItemModel, cfg: ObjectiveConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # When set, only these objectives are summed into ``loss`` (a curriculum phase, e.g. ITM first);
+        # the others are still computed and logged.
+        self.only: tuple[str, ...] | None = None
         mc = model.cfg
         h, eps = mc.hidden_size, mc.layer_norm_eps
         w = cfg.weights()
@@ -353,7 +356,8 @@ class ItemObjectives(nn.Module):
                 a, b = (view_embeddings(model, mb, rows, "image", mb.views[rows, i]) for i in (0, 1))
                 losses["image_contrastive"] = self.heads["image_contrastive"](a, b)
 
-        total = sum((w[k] * v for k, v in losses.items() if k in w), torch.zeros(()))
+        total = sum((w[k] * v for k, v in losses.items() if k in w and (self.only is None or k in self.only)),
+                    torch.zeros(()))
         losses["loss"] = total
         return losses
 

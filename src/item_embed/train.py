@@ -243,6 +243,7 @@ def train(
             mb = mask_batch(batch, cfg.objectives, model_cfg.num_patches, specials, tokenizer.mask_token_id,
                             model_cfg.vocab_size, g)
             mine = mb.select(_shard(len(batch), ddp_info.world, ddp_info.rank))
+            objectives.only = ("itm",) if step < cfg.itm_first else None
             opt.zero_grad(set_to_none=True)
             sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
             counts = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
@@ -267,7 +268,8 @@ def train(
             last = {k: float(sums[i] / counts[i]) for i, k in enumerate(LOSS_KEYS) if counts[i] > 0}
             # The logged total is the weighted sum of the averaged objectives (a micro-batch can
             # lack one objective, so averaging the micro-batch totals would understate it).
-            last["loss"] = sum(w * last[k] for k, w in cfg.objectives.weights().items() if k in last)
+            last["loss"] = sum(w * last[k] for k, w in cfg.objectives.weights().items()
+                               if k in last and (objectives.only is None or k in objectives.only))
             if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                 record = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), **last}
                 metrics.write(json.dumps(record) + "\n")
