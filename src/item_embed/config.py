@@ -262,7 +262,8 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
 # vs 0.935, fashion-small 0.969 vs 0.968; a second seed moves these as much) and better title-only
 # queries in every run; its norm uses no image-wide statistics. Since the eleventh session the recipe's
 # is that stem with a 4x4 stride-4 first layer (conv4_channelnorm): the same quality within seed noise
-# (hm-dev joint 0.995, product_type 0.854, fashion-small 0.965 vs 0.996 / 0.848 / 0.9665) and no
+# (two seeds: hm-dev joint 0.995-0.996, product_type 0.854-0.856, fashion-small 0.964-0.965; the previous
+# stem 0.996, 0.837-0.848, 0.9665) and no
 # full-resolution feature maps, which cost most of the encode time the stem added. Python callers
 # building a ModelConfig get linear unless they ask for a stem.
 RECIPE_IMAGE_STEM = "conv4_channelnorm"
