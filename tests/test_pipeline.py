@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from item_embed.checkpoint import CheckpointError, checkpoint_dirs, load_model
 from item_embed.cli import main
+from item_embed.config import ObjectiveConfig, TrainConfig
 from item_embed.encode import ItemEncoder
 from item_embed.export import read_embeddings
 
@@ -255,17 +256,20 @@ def test_train_defaults_to_the_recipe_stem_and_linear_stays_available(tiny_catal
 
 
 def test_itm_first_trains_matching_alone_then_every_objective(tiny_catalog, tmp_path):
-    """--itm-first N: for N steps the logged loss is ITM's alone; from step N on every objective counts.
-    The phase is saved with the run (test_objectives checks that the other heads get no gradient)."""
+    """--itm-first N: for N steps the logged loss is ITM's alone (nothing is masked, so MLM and MIM have no
+    labels); from step N on every objective counts. The phase is saved with the run (test_objectives checks
+    that the other heads get no gradient)."""
     import json
 
     run = tmp_path / "itm-first"
     assert main(["train", str(tiny_catalog), "--out", str(run), "--steps", "6", "--save-every", "100",
                  "--itm-first", "3", *TRAIN]) == 0
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["loss"] == pytest.approx(r["itm"]) for r in log[:3])
+    assert all(r["loss"] == pytest.approx(r["itm"]) and "mlm" not in r and "mim" not in r for r in log[:3])
     assert all(r["loss"] > r["itm"] + r["mlm"] * 0.5 for r in log[3:])
     assert json.loads((run / "config.json").read_text())["train"]["itm_first"] == 3
+    with pytest.raises(ValueError, match="itm objective"):
+        TrainConfig(itm_first=3, objectives=ObjectiveConfig(itm=0))
 
 
 def test_train_with_hog_targets_and_whole_picture_title_dropout(tiny_catalog, tmp_path):

@@ -289,9 +289,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
-    # Steps at the start during which ITM alone is optimised (the other objectives are computed and
-    # logged, not summed): a curriculum to measure. With MLM/MIM from step 0, ITM never leaves chance
-    # in our runs (their gradients dominate the clipped total); alone, it does within ~400 steps.
+    # Steps at the start during which ITM alone is optimised, on products with nothing masked (a
+    # contrastive term is computed and logged, not summed): a curriculum to measure. With MLM/MIM from
+    # step 0, ITM never leaves chance in our runs (their gradients dominate the clipped total); alone,
+    # it does within ~400 steps.
     itm_first: int = 0
     seed: int = 0
     precision: str = "bf16"  # autocast dtype on CPU: "bf16" or "fp32"
@@ -313,6 +314,8 @@ class TrainConfig:
             raise ValueError("batch_size must be at least 2 (image-text matching swaps within a batch)")
         if self.itm_first < 0:
             raise ValueError(f"itm_first must be >= 0 steps, not {self.itm_first}")
+        if self.itm_first and not self.objectives.itm > 0:
+            raise ValueError("itm_first needs the itm objective (its loss weight is 0)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,6 +6,7 @@ a run resumed from a checkpoint follows the same path as one that was never inte
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ from .checkpoint import (
     latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints,
     save_folder_atomic, save_model,
 )
-from .config import ITEM_NEW_LR_SCALE, ModelConfig, TrainConfig
+from .config import ITEM_NEW_LR_SCALE, ModelConfig, ObjectiveConfig, TrainConfig
 from .data import ProductArrays
 from .model import ItemModel
 from .objectives import ItemObjectives, MaskedBatch, mask_batch, special_token_ids
@@ -230,6 +231,9 @@ def train(
     bar = tqdm(total=total, initial=start, disable=not (progress and ddp_info.main), desc="train",
                dynamic_ncols=True)
     params = [p for grp in opt.param_groups for p in grp["params"]]
+    # The ITM-first phase swaps images and masks nothing: ITM alone, as it sees products in use (alone,
+    # unmasked, ITM leaves chance within ~400 steps; benchmarks/RESULTS.md).
+    itm_phase = dataclasses.replace(cfg.objectives, **{k: 0.0 for k in ObjectiveConfig.WEIGHT_NAMES if k != "itm"})
     last: dict[str, float] = {}
     t0, samples = time.perf_counter(), 0
     metrics = open(metrics_path, "a") if ddp_info.main else None
@@ -240,10 +244,11 @@ def train(
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             g = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 3))
             batch = data.batch(batch_indices(len(data), cfg.batch_size, cfg.seed, step))
-            mb = mask_batch(batch, cfg.objectives, model_cfg.num_patches, specials, tokenizer.mask_token_id,
-                            model_cfg.vocab_size, g)
+            in_phase = step < cfg.itm_first
+            mb = mask_batch(batch, itm_phase if in_phase else cfg.objectives, model_cfg.num_patches, specials,
+                            tokenizer.mask_token_id, model_cfg.vocab_size, g)
             mine = mb.select(_shard(len(batch), ddp_info.world, ddp_info.rank))
-            objectives.only = ("itm",) if step < cfg.itm_first else None
+            objectives.only = ("itm",) if in_phase else None
             opt.zero_grad(set_to_none=True)
             sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
             counts = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
