@@ -263,7 +263,7 @@ def test_itm_first_trains_matching_alone_then_every_objective(tiny_catalog, tmp_
 
     run = tmp_path / "itm-first"
     assert main(["train", str(tiny_catalog), "--out", str(run), "--steps", "6", "--save-every", "100",
-                 "--itm-first", "3", *TRAIN]) == 0
+                 "--itm-first", "3", "--title-dropout", "0.5", "--title-dropout-mim", *TRAIN]) == 0
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == pytest.approx(r["itm"]) and "mlm" not in r and "mim" not in r for r in log[:3])
     assert all(r["loss"] > r["itm"] + r["mlm"] * 0.5 for r in log[3:])

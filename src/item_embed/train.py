@@ -231,9 +231,12 @@ def train(
     bar = tqdm(total=total, initial=start, disable=not (progress and ddp_info.main), desc="train",
                dynamic_ncols=True)
     params = [p for grp in opt.param_groups for p in grp["params"]]
-    # The ITM-first phase swaps images and masks nothing: ITM alone, as it sees products in use (alone,
-    # unmasked, ITM leaves chance within ~400 steps; benchmarks/RESULTS.md).
-    itm_phase = dataclasses.replace(cfg.objectives, **{k: 0.0 for k in ObjectiveConfig.WEIGHT_NAMES if k != "itm"})
+    # The ITM-first phase swaps images and masks or drops nothing: ITM alone, on products as they are in
+    # use (alone and unmasked, ITM left chance within ~400 steps with the linear stem; RESULTS.md).
+    itm_phase = cfg.objectives
+    if cfg.itm_first:
+        itm_phase = dataclasses.replace(cfg.objectives, title_dropout=0.0, title_dropout_mim=False,
+                                        **{k: 0.0 for k in ObjectiveConfig.WEIGHT_NAMES if k != "itm"})
     last: dict[str, float] = {}
     t0, samples = time.perf_counter(), 0
     metrics = open(metrics_path, "a") if ddp_info.main else None
