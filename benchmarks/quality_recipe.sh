@@ -21,13 +21,12 @@ train() {  # train NAME SUBCOMMAND [FLAGS...]
   echo "$name ($steps steps): $(( $(date +%s) - start )) s wall" | tee -a "$out/walltime.txt"
 }
 # No flags on purpose: this run checks that the defaults are the recipe (since the fifth session the
-# conv stem with per-pixel channel norm; since the ninth the shape slice beside [CLS]; since the eleventh
-# that stem with a 4x4 stride-4 first layer, conv4_channelnorm).
+# conv stem with per-pixel channel norm; since the ninth the shape slice beside [CLS]).
 train item-recipe-shape train
 train item-recipe-shape-s1 train --seed 1  # the default's second seed (hm-dev only, evaluated below; tenth session)
-# The default of the ninth and tenth sessions (stride-2 3x3 layers only), with both seeds.
-train item-recipe-convcn-shape train --image-stem conv_channelnorm
-train item-recipe-convcn-shape-s1 train --image-stem conv_channelnorm --seed 1
+# The stride-4 first layer (eleventh session: same quality at this budget, 12% less encode time), both seeds.
+train item-recipe-conv4 train --image-stem conv4_channelnorm
+train item-recipe-conv4-s1 train --image-stem conv4_channelnorm --seed 1
 # The other ITEm runs compare [CLS] alone (--shape-dims 0; the slice is fitted after training and
 # leaves [CLS] as it is): the default recipe without the slice, the earlier recipes (the conv stem
 # with GroupNorm, the paper's linear projection), and the HOG stem (eighth session).
@@ -43,7 +42,7 @@ train dual-recipe train-dual --new-lr-scale 1
 train dual-recipe-conv train-dual --new-lr-scale 1 --image-stem conv
 bash "$here/benchmarks/quality_eval.sh" "$out" item-recipe-shape item-recipe-convcn item-recipe-conv item-recipe item-recipe-hog dual-recipe \
     dual-recipe-conv
-for run in item-recipe-hog-s1 item-recipe-shape-s1 item-recipe-convcn-shape item-recipe-convcn-shape-s1; do
+for run in item-recipe-hog-s1 item-recipe-shape-s1 item-recipe-conv4 item-recipe-conv4-s1; do
   "$bin/item-embed" evaluate "$here/../shared/data/hm-dev.parquet" --featurizer "item:$out/$run" --group group \
       --labels product_type,product_group --out-dir "$out/eval-hm-$run" --no-progress
 done

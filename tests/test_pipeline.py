@@ -139,7 +139,7 @@ def test_training_lowers_every_objective(tmp_path, stem):
     """On a small fixed catalog each enabled objective's loss goes down. ITM is not checked with the
     GroupNorm conv stem: its image-wide norm removes the squares' absolute colour and ITM leaves chance
     only near step 500 of 600 (ITM loss ~0.700 -> ~0.682; linear ~0.700 -> ~0.617, per-pixel channel
-    norm ~0.700 -> ~0.622, measured). The stride-4 stem (the default) leaves chance more slowly here
+    norm (the default) ~0.700 -> ~0.622, measured). The stride-4 stem leaves chance more slowly here
     (~0.696 -> ~0.663, measured), so its ITM is held to a 3% drop; chance stays at 0.693."""
     catalog = _colour_catalog(tmp_path / "colours.parquet")
     run = tmp_path / "learn"

@@ -323,9 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--use-description", action="store_true", help="append the description to the title")
     t.add_argument("--pooling", choices=["cls", "mean"])
     t.add_argument("--image-stem", choices=list(IMAGE_STEMS), default=RECIPE_IMAGE_STEM,
-                   help="patch pixels -> embeddings: early convolutions with per-pixel channel norm, "
-                        "starting with a 4x4 stride-4 layer (conv4_channelnorm, default) or with stride-2 3x3 layers "
-                        "only (conv_channelnorm), the latter with GroupNorm (conv), ITEm's linear projection (linear), or "
+                   help="patch pixels -> embeddings: early convolutions with per-pixel channel norm "
+                        "(conv_channelnorm, default; conv4_channelnorm starts with a lighter 4x4 stride-4 layer: "
+                        "faster to encode, slower to learn at small budgets) or GroupNorm (conv), ITEm's linear "
+                        "projection (linear), or "
                         "each patch's HOG through an MLP (hog: colour-free; hog_colour: with its mean colour)")
     t.add_argument("--shape-dims", type=int,
                    help="whitened HOG coordinates of the photo appended to [CLS], fitted on the catalog's photos "

@@ -260,13 +260,13 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
 # hm-dev joint R@1 at 0.997 (GroupNorm conv 0.998, linear 0.968; MiniLM text 0.995) with linear
 # probes at least as good as GroupNorm's (single seed: product_type 0.845 vs 0.834, product_group 0.949
 # vs 0.935, fashion-small 0.969 vs 0.968; a second seed moves these as much) and better title-only
-# queries in every run; its norm uses no image-wide statistics. Since the eleventh session the recipe's
-# is that stem with a 4x4 stride-4 first layer (conv4_channelnorm): the same quality within seed noise
-# (two seeds: hm-dev joint 0.995-0.996, product_type 0.854-0.856, fashion-small 0.964-0.965; the previous
-# stem 0.996, 0.837-0.848, 0.9665) and no
-# full-resolution feature maps, which cost most of the encode time the stem added. Python callers
-# building a ModelConfig get linear unless they ask for a stem.
-RECIPE_IMAGE_STEM = "conv4_channelnorm"
+# queries in every run; its norm uses no image-wide statistics. The same stem with a 4x4 stride-4 first
+# layer (conv4_channelnorm, eleventh session) matched it at 3,000 steps (two seeds: hm-dev joint
+# 0.995-0.996, product_type 0.854-0.856 vs 0.837-0.848, fashion-small 0.964-0.965 vs 0.9665) with 12% less
+# encode time, but learns more slowly at small budgets (the demo's retrieval R@1 0.26-0.41 vs 0.41-0.45 over
+# three seeds at 150 steps), so it stays an option. Python callers building a ModelConfig get linear
+# unless they ask for a stem.
+RECIPE_IMAGE_STEM = "conv_channelnorm"
 
 # ITEm: the image side (patch projection, positions, [MASK] patch) and the heads at 10x the encoder's lr
 # lowered MIM and MLM loss faster than 1x at the same steps (0.546 vs 0.588, 4.25 vs 4.65 after 600 steps
