@@ -291,8 +291,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     # Steps at the start during which ITM alone is optimised, on products with nothing masked (a
     # contrastive term is computed and logged, not summed): a curriculum to measure. With MLM/MIM from
-    # step 0, ITM never leaves chance in our runs (their gradients dominate the clipped total); alone,
-    # it does within ~400 steps.
+    # step 0, ITM never leaves chance in our runs (their gradients dominate the clipped total); alone it
+    # left chance within ~400 steps with the linear stem, not in 500 with conv4_channelnorm (RESULTS.md).
     itm_first: int = 0
     seed: int = 0
     precision: str = "bf16"  # autocast dtype on CPU: "bf16" or "fp32"
