@@ -292,6 +292,10 @@ class ItemObjectives(nn.Module):
         pos = model.image_pos[0, patches].to(cls.dtype)
         return self.heads["global_mim"](torch.cat([cls, pos], dim=-1))
 
+    def summed_weights(self) -> dict[str, float]:
+        """The weights of the objectives that count in ``loss`` now (all of them, or those in ``only``)."""
+        return {k: w for k, w in self.cfg.weights().items() if self.only is None or k in self.only}
+
     def forward(self, model: ItemModel, out: EncoderOutput, mb: MaskedBatch) -> dict[str, torch.Tensor]:
         """Each enabled objective's loss (fp32 scalars), ``loss`` their weighted sum, and ``itm_acc``."""
         w = self.cfg.weights()
@@ -356,8 +360,8 @@ class ItemObjectives(nn.Module):
                 a, b = (view_embeddings(model, mb, rows, "image", mb.views[rows, i]) for i in (0, 1))
                 losses["image_contrastive"] = self.heads["image_contrastive"](a, b)
 
-        total = sum((w[k] * v for k, v in losses.items() if k in w and (self.only is None or k in self.only)),
-                    torch.zeros(()))
+        summed = self.summed_weights()
+        total = sum((summed[k] * v for k, v in losses.items() if k in summed), torch.zeros(()))
         losses["loss"] = total
         return losses
 

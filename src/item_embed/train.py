@@ -276,8 +276,7 @@ def train(
             last = {k: float(sums[i] / counts[i]) for i, k in enumerate(LOSS_KEYS) if counts[i] > 0}
             # The logged total is the weighted sum of the averaged objectives (a micro-batch can
             # lack one objective, so averaging the micro-batch totals would understate it).
-            last["loss"] = sum(w * last[k] for k, w in cfg.objectives.weights().items()
-                               if k in last and (objectives.only is None or k in objectives.only))
+            last["loss"] = sum(w * last[k] for k, w in objectives.summed_weights().items() if k in last)
             if metrics is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
                 record = {"step": step + 1, "lr": lr, "grad_norm": float(grad_norm), **last}
                 metrics.write(json.dumps(record) + "\n")
