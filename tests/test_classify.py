@@ -206,8 +206,9 @@ def test_fit_linear_cli(linear_clf, tiny_run, tiny_catalog, capsys):
 
 def test_predict_cli(linear_clf, tiny_run, tiny_catalog, tmp_path, capsys):
     out = tmp_path / "pred.parquet"
+    # fp32 as the library's default, so the numbers below can match to 1e-5 (`auto` may pick bf16).
     assert main(["classify", "predict", str(tiny_catalog), "--classifier", str(linear_clf), "--model", str(tiny_run),
-                 "--out", str(out), "-k", "3", *QUIET]) == 0
+                 "--out", str(out), "-k", "3", "--precision", "fp32", *QUIET]) == 0
     printed = capsys.readouterr().out
     assert "accuracy=" in printed and "never saw" not in printed
     pred = pd.read_parquet(out)
@@ -270,7 +271,7 @@ def test_finetune_cli(finetuned_clf, tiny_run, tiny_catalog, tmp_path, capsys):
     # Predict with its own encoder (no --model needed); probabilities survive the round trip.
     out = tmp_path / "pred.parquet"
     assert main(["classify", "predict", str(tiny_catalog), "--classifier", str(finetuned_clf),
-                 "--out", str(out), "-k", "2", *QUIET]) == 0
+                 "--out", str(out), "-k", "2", "--precision", "fp32", *QUIET]) == 0
     pred = pd.read_parquet(out)
     clf = Classifier.load(finetuned_clf, device="cpu")
     rows = pd.read_csv(tiny_catalog).head(3).to_dict("records")

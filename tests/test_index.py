@@ -311,7 +311,9 @@ def test_approximate_kinds_record_recall(kind, options):
 @pytest.fixture(scope="module")
 def embedded(tiny_catalog, tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("emb") / "emb.parquet"
-    assert main(["embed", str(tiny_catalog), "--model", str(tiny_run), "--out", str(out), "--no-progress"]) == 0
+    # fp32 (not the CLI's `auto`), so searches below can be compared with the library's fp32 encoder.
+    assert main(["embed", str(tiny_catalog), "--model", str(tiny_run), "--out", str(out), "--no-progress",
+                 "--precision", "fp32"]) == 0
     return out
 
 
@@ -348,7 +350,7 @@ def test_cli_search_by_title_image_and_id(tiny_catalog, tiny_run, embedded, cli_
     encoder = ItemEncoder.from_pretrained(tiny_run)
     index = ProductIndex.load(cli_index)
     title, image = catalog.loc[5, "title"], str(tiny_catalog.parent / catalog.loc[5, "image"])
-    common = ["--index", str(cli_index), "--model", str(tiny_run), "-k", "4"]
+    common = ["--index", str(cli_index), "--model", str(tiny_run), "-k", "4", "--precision", "fp32"]
 
     got = search_json(capsys, *common, "--title", title)
     by_title = got["results"][0]["id"]

@@ -95,6 +95,24 @@ def test_bf16_encoder_runs_a_bf16_copy_and_leaves_the_model_fp32():
     assert cos.min() > 0.99 and not np.array_equal(a, b)  # bf16 did run, and stayed close
 
 
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    """``auto`` is bf16 only where the device has native bf16 matrix units; explicit choices stand."""
+    from item_embed import encode as enc_mod
+
+    model = ItemModel(model_config_for("tiny")).eval()
+    tok = load_tokenizer()
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(enc_mod, "native_bf16", lambda device, native=native: native)
+        auto = ItemEncoder(model, tok, device="cpu", precision="auto")
+        assert auto.precision == expected and (auto.runner is model) == (expected == "fp32")
+        assert ItemEncoder(model, tok, device="cpu", precision="fp32").precision == "fp32"
+        assert ItemEncoder(model, tok, device="cpu", precision="bf16").precision == "bf16"
+    with pytest.raises(ValueError, match="'fp16'"):
+        ItemEncoder(model, tok, device="cpu", precision="fp16")
+    monkeypatch.undo()
+    assert isinstance(enc_mod.native_bf16("cpu"), bool) and enc_mod.native_bf16("meta") is False
+
+
 def test_encode_rejects_empty_record_naming_it(encoder):
     with pytest.raises(ValueError, match="'x9'"):
         encoder.encode([{"id": "x9", "title": "  "}])

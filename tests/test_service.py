@@ -42,7 +42,9 @@ class Setup:
     def __init__(self, root: Path, catalog: Path, run: Path) -> None:
         self.root, self.catalog, self.run = root, catalog, run
         self.embeddings = root / "emb.parquet"
-        assert main(["embed", str(catalog), "--model", str(run), "--out", str(self.embeddings), "--no-progress"]) == 0
+        # fp32 like load_service's encoder, so the index's vectors and the service's agree to 1e-5.
+        assert main(["embed", str(catalog), "--model", str(run), "--out", str(self.embeddings), "--no-progress",
+                     "--precision", "fp32"]) == 0
         self.index_dir = root / "index"
         ProductIndex.from_embedding_file(self.embeddings).save(self.index_dir)
         self.frame, self.vectors = read_embeddings(self.embeddings)
@@ -222,6 +224,7 @@ def test_health(world, client):
     assert r.status_code == 200
     h = r.json()
     assert h["status"] == "ok" and h["model_id"] == world.encoder.model_id
+    assert h["precision"] == world.encoder.precision
     assert h["index_size"] == len(world.frame) and h["dim"] == world.encoder.dim
     assert h["images"] is True and h["classifier"] is None and h["max_upload_bytes"] == 10_000_000
 

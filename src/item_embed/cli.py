@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="run folder of a trained model")
     e.add_argument("--out", required=True, help="output .parquet (under torchrun: a folder of parts + manifest.json)")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
+    e.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto (default): bf16 on AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32")
     e.add_argument("--device")
     e.set_defaults(func=cmd_embed)
 

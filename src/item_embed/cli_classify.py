@@ -191,6 +191,7 @@ def register(sub) -> None:
     p.add_argument("-k", type=int, default=5, help="labels per product")
     p.add_argument("--label", help="label column to score against (default: the one the classifier was fitted on)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto (default): bf16 on AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32")
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)

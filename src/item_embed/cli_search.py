@@ -113,7 +113,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     if a.model:
         from .encode import ItemEncoder
 
-        encoder = ItemEncoder.from_pretrained(a.model, device=a.device)
+        encoder = ItemEncoder.from_pretrained(a.model, device=a.device, precision=a.precision)
     elif a.id is None:
         raise ValueError("--model is needed to embed an --image or --title query")
     # An index from another model lives in another vector space: its scores would be meaningless.
@@ -220,6 +220,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("-k", type=int, default=10, help="number of results")
     s.add_argument("--json", action="store_true", help="print the results as JSON, with every carried column")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto (default): bf16 on AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32")
     s.set_defaults(func=cmd_search)
 
     d = sub.add_parser("dedup", help="near-duplicate groups from the k-nearest-neighbour graph")

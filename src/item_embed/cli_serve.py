@@ -28,14 +28,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     columns = Columns(id=a.id_column, title=a.title_column, image=a.image_column)
     try:
         app = load_service(a.model, a.index, a.classifier, a.catalog, a.image_root, columns=columns, device=a.device,
-                           max_upload_bytes=int(a.max_upload_mb * 1_000_000), threads=a.threads,
+                           precision=a.precision, max_upload_bytes=int(a.max_upload_mb * 1_000_000), threads=a.threads,
                            title_column=a.title_column)
     except (IndexLoadError, CheckpointError) as e:
         print(f"item-embed serve: error: {e}", file=sys.stderr)
         return 2
     health = app.state.service.health()
     host = f"[{a.host}]" if ":" in a.host else a.host
-    print(f"serving {health.index_size} products (model {health.model_id}, dim {health.dim})"
+    print(f"serving {health.index_size} products (model {health.model_id}, dim {health.dim}, "
+          f"{health.precision})"
           + (f", classifier: {health.classifier}" if health.classifier else "")
           + ("" if health.images else ", no product images (no catalog)"))
     print(f"search page: http://{host}:{a.port}/   API docs: http://{host}:{a.port}/docs", flush=True)
@@ -112,5 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, default=2,
                    help="image decodes + model forward passes run at once (default 2)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto (default): bf16 on AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)

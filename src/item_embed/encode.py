@@ -30,17 +30,45 @@ def _bf16_copy(model: ItemModel) -> ItemModel:
     return runner
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bf16 support, or
+    a CPU with AMX or AVX512-BF16. Elsewhere bf16 is emulated and slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # private helpers (torch 2.x); if they move, fall back to fp32 rather than guess
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``fp32``; ``bf16`` / ``fp32`` as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 class ItemEncoder:
     """A trained ITEm encoder with its tokenizer and preprocessing.
 
     ``encode`` accepts records with an ``image`` (path, bytes, PIL image), a ``title`` (and an
     optional ``description``), or both, and returns L2-normalised float32 embeddings (n, d).
 
-    With ``precision="bf16"`` it encodes with a bfloat16 copy of ``model`` made here (``runner``;
-    the shape slice stays float32) under autocast: autocast alone re-casts every fp32 weight on each
-    batch, ~15% of the encode time on CPU (benchmarks/bench_encode.py). ``model`` itself stays as
-    given (what ``save_model`` writes and fine-tuning copies); change its weights and the copy is stale,
-    so build a new encoder.
+    ``precision="auto"`` picks bf16 where the device has native bf16 matrix units (on the 2-core
+    AMX CPU of benchmarks/RESULTS.md 2.4x the fp32 speed, hm-dev joint R@1 0.9956 vs 0.9953) and
+    fp32 elsewhere; ``precision`` holds the choice made. bf16 encodes with a bfloat16 copy of
+    ``model`` made here (``runner``; the shape slice stays float32) under autocast: autocast alone
+    re-casts every fp32 weight on each batch, ~15% of the encode time on CPU
+    (benchmarks/bench_encode.py). ``model`` itself stays as given (what ``save_model`` writes and
+    fine-tuning copies); change its weights and the copy is stale, so build a new encoder.
     """
 
     def __init__(self, model: ItemModel, tokenizer, config: dict | None = None, device: str | None = None,
@@ -51,10 +79,8 @@ class ItemEncoder:
         self.cfg = model.cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
-        self.precision = precision
-        self.runner = self.model if precision == "fp32" else _bf16_copy(self.model)
+        self.precision = resolve_precision(precision, self.device)
+        self.runner = self.model if self.precision == "fp32" else _bf16_copy(self.model)
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, device: str | None = None, precision: str = "fp32") -> "ItemEncoder":

@@ -33,6 +33,7 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
         b"item_embed.model_id": encoder.model_id.encode(),
         b"item_embed.config_hash": encoder.cfg.config_hash().encode(),
         b"item_embed.dim": str(encoder.dim).encode(),
+        b"item_embed.precision": encoder.precision.encode(),
         # Where the products came from, so that search results can show their images later.
         b"item_embed.catalog": str(Path(catalog.source).resolve()).encode(),
         b"item_embed.image_root": str(Path(catalog.image_root).resolve()).encode(),
@@ -110,7 +111,7 @@ def embed_catalog_distributed(catalog: Catalog, encoder: ItemEncoder, out_dir: s
     merged.problems.sort(key=lambda p: p.row)
     write_json_atomic(out_dir / MANIFEST, {
         "format": "item-embed-embeddings/1", "model_id": encoder.model_id, "dim": encoder.dim,
-        "catalog": str(Path(catalog.source).resolve()), "world_size": world, "parts": parts,
+        "precision": encoder.precision, "catalog": str(Path(catalog.source).resolve()), "world_size": world, "parts": parts,
         "rows_in": merged.rows_in, "rows_used": merged.used, "rows_reported": merged.reported,
     })
     return merged
@@ -139,7 +140,8 @@ def part_files(path: Path) -> list[Path]:
 
 
 def read_embedding_metadata(path: str | Path) -> dict[str, str]:
-    """The ``item_embed.*`` metadata of an embedding file (model_id, config_hash, dim, catalog, image_root)."""
+    """The ``item_embed.*`` metadata of an embedding file (model_id, config_hash, dim, precision,
+    catalog, image_root)."""
     meta = pq.read_schema(part_files(Path(path))[0]).metadata or {}
     prefix = b"item_embed."
     return {k[len(prefix):].decode(): v.decode() for k, v in meta.items() if k.startswith(prefix)}

@@ -125,6 +125,7 @@ class ClassifyOut(BaseModel):
 class HealthOut(BaseModel):
     status: str
     model_id: str
+    precision: str  # what the encoder computes in: fp32 or bf16
     index_size: int
     dim: int
     index_kind: str | None
@@ -562,7 +563,8 @@ class SearchService:
 
     def health(self) -> HealthOut:
         served = self._served
-        return HealthOut(status="ok", model_id=self.encoder.model_id, index_size=len(served.index),
+        return HealthOut(status="ok", model_id=self.encoder.model_id, precision=self.encoder.precision,
+                         index_size=len(served.index),
                          dim=served.index.dim, index_kind=getattr(served.index, "kind", None),
                          classifier=(self.classifier.label_column or "label") if self.classifier is not None else None,
                          images=served.images is not None and len(served.images) > 0,
@@ -751,16 +753,17 @@ def _open_catalog(path: str | Path, image_root: str | Path | None, columns: Colu
 
 def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: str | Path | None = None,
                  catalog: str | Path | None = None, image_root: str | Path | None = None, *,
-                 columns: Columns | None = None, device: str | None = None, **app_options) -> FastAPI:
+                 columns: Columns | None = None, device: str | None = None, precision: str = "fp32",
+                 **app_options) -> FastAPI:
     """Load the model, its index (refused when built by another model), the classifier and the
     catalog images, and build the app. ``catalog`` / ``image_root`` default to the ones the
     embeddings were made from (recorded in the index); ``app_options`` go to :func:`create_app`.
     """
     from .classify import Classifier
 
-    encoder = ItemEncoder.from_pretrained(model_dir, device=device)
+    encoder = ItemEncoder.from_pretrained(model_dir, device=device, precision=precision)
     index = ProductIndex.load(index_dir, expected_model_id=encoder.model_id)
-    classifier = Classifier.load(classifier_dir, device=device) if classifier_dir is not None else None
+    classifier = Classifier.load(classifier_dir, device=device, precision=precision) if classifier_dir is not None else None
     columns = columns or Columns()
     max_pixels = app_options.get("max_pixels", DEFAULT_MAX_PIXELS)
 
