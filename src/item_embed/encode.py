@@ -63,7 +63,7 @@ class ItemEncoder:
     optional ``description``), or both, and returns L2-normalised float32 embeddings (n, d).
 
     ``precision="auto"`` picks bf16 where the device has native bf16 matrix units (on the 2-core
-    AMX CPU of benchmarks/RESULTS.md 2.4x the fp32 speed, hm-dev joint R@1 0.9956 vs 0.9953) and
+    AMX CPU of benchmarks/RESULTS.md 2.4x the fp32 speed, hm-dev joint R@1 0.9958 vs 0.9963) and
     fp32 elsewhere; ``precision`` holds the choice made. bf16 encodes with a bfloat16 copy of
     ``model`` made here (``runner``; the shape slice stays float32) under autocast: autocast alone
     re-casts every fp32 weight on each batch, ~15% of the encode time on CPU

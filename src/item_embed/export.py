@@ -111,7 +111,8 @@ def embed_catalog_distributed(catalog: Catalog, encoder: ItemEncoder, out_dir: s
     merged.problems.sort(key=lambda p: p.row)
     write_json_atomic(out_dir / MANIFEST, {
         "format": "item-embed-embeddings/1", "model_id": encoder.model_id, "dim": encoder.dim,
-        "precision": encoder.precision, "catalog": str(Path(catalog.source).resolve()), "world_size": world, "parts": parts,
+        "precision": encoder.precision, "catalog": str(Path(catalog.source).resolve()), "world_size": world,
+        "parts": parts,
         "rows_in": merged.rows_in, "rows_used": merged.used, "rows_reported": merged.reported,
     })
     return merged
