@@ -30,9 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from item_embed.catalog import Catalog
+from item_embed.config import TrainConfig
 from item_embed.evaluate import RawProducts, split_keys, split_test_mask
 from item_embed.images import pad_resize
 from item_embed.model import minilm_path
+from item_embed.train import lr_at
 
 
 class SmallCNN(nn.Module):
@@ -106,14 +108,14 @@ def train_and_test(parts: str, ids: torch.Tensor, mask: torch.Tensor, images: to
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     total = epochs * math.ceil(len(train) / batch)
     base = [g["lr"] for g in opt.param_groups]
+    schedule = TrainConfig(lr=1.0, warmup_ratio=0.05)  # item-embed's warm-up + cosine, as a factor
     yt = torch.as_tensor(y)
     step, accs = 0, []
     for epoch in range(epochs):
         model.train()
         t0, seen_loss = time.perf_counter(), []
         for rows in _batches(train, batch, rng):
-            frac = step / total  # 5% linear warm-up, then cosine decay
-            scale = frac / 0.05 if frac < 0.05 else 0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95))
+            scale = lr_at(step, total, schedule)
             for g, lr in zip(opt.param_groups, base):
                 g["lr"] = lr * scale
             r = torch.as_tensor(rows)

@@ -26,6 +26,12 @@ def _add_catalog_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    """``--precision`` of the commands that encode products (ItemEncoder's precision)."""
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto (default): bf16 on AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32")
+
+
 def _open_catalog(a: argparse.Namespace) -> Catalog:
     cols = Columns(id=a.id_column, title=a.title_column, image=a.image_column, description=a.description_column)
     return Catalog.open(a.catalog, cols, a.image_root)
@@ -390,8 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="run folder of a trained model")
     e.add_argument("--out", required=True, help="output .parquet (under torchrun: a folder of parts + manifest.json)")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto (default): bf16 on AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32")
+    add_precision_arg(e)
     e.add_argument("--device")
     e.set_defaults(func=cmd_embed)
 

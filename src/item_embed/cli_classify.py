@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .catalog import CatalogError, CatalogReport
-from .cli import _add_catalog_args, _finish_report, _open_catalog, format_table
+from .cli import _add_catalog_args, _finish_report, _open_catalog, add_precision_arg, format_table
 
 
 def _encode(encoder, products, batch_size: int, progress: bool) -> np.ndarray:
@@ -191,7 +191,6 @@ def register(sub) -> None:
     p.add_argument("-k", type=int, default=5, help="labels per product")
     p.add_argument("--label", help="label column to score against (default: the one the classifier was fitted on)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto (default): bf16 on AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32")
+    add_precision_arg(p)
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)

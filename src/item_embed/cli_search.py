@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from .cli import add_precision_arg
 from .index import (KINDS, REPORT_FILE, UPDATE_REPORT_FILE, IndexLoadError, IndexReport, ProductIndex,
                     read_embedding_rows)
 
@@ -220,8 +221,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("-k", type=int, default=10, help="number of results")
     s.add_argument("--json", action="store_true", help="print the results as JSON, with every carried column")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto (default): bf16 on AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32")
+    add_precision_arg(s)
     s.set_defaults(func=cmd_search)
 
     d = sub.add_parser("dedup", help="near-duplicate groups from the k-nearest-neighbour graph")

@@ -9,6 +9,8 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from .cli import add_precision_arg
+
 
 def cmd_serve(a: argparse.Namespace) -> int:
     import logging
@@ -113,7 +115,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, default=2,
                    help="image decodes + model forward passes run at once (default 2)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto (default): bf16 on AMX / AVX512-BF16 CPUs and bf16 GPUs, else fp32")
+    add_precision_arg(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
