@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from item_embed.checkpoint import CheckpointError, checkpoint_dirs, load_model
 from item_embed.cli import main
 from item_embed.config import ObjectiveConfig, TrainConfig
-from item_embed.encode import ItemEncoder
+from item_embed.encode import ItemEncoder, resolve_precision
 from item_embed.export import read_embedding_metadata, read_embeddings
 
 TRAIN = ["--preset", "tiny", "--batch-size", "8", "--no-progress", "--precision", "fp32"]
@@ -80,7 +80,7 @@ def test_embed_and_evaluate(tiny_catalog, tiny_run, tmp_path, capsys):
     # The file's embeddings are what the library call gives, at the precision the file records
     # (the CLI's `auto`: bf16 on CPUs with native bf16 units, fp32 elsewhere).
     precision = read_embedding_metadata(emb_path)["precision"]
-    assert precision in ("bf16", "fp32")
+    assert precision == resolve_precision("auto", "cpu")
     lib = ItemEncoder.from_pretrained(tiny_run, precision=precision).encode(
         [{"title": t, "image": tiny_catalog.parent / p} for t, p in zip(catalog["title"][:5], catalog["image"][:5])])
     if precision == "fp32":
