@@ -15,7 +15,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_catalog(tmp_path_factory) -> Path:
     """CSV catalog with image files: 40 products x 2-4 listings at 32 px."""
-    from item_embed.synthetic import write_catalog
+    from item_embed.data.synthetic import write_catalog
 
     return write_catalog(tmp_path_factory.mktemp("catalog"), n_products=40, seed=0, image_size=32)
 

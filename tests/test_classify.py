@@ -10,7 +10,12 @@ import pytest
 
 from item_embed.checkpoint import CheckpointError
 from item_embed.classify import (
-    Classifier, ModelMismatchError, fit_linear, heldout_mask, prepare_labels, score_predictions,
+    Classifier,
+    ModelMismatchError,
+    fit_linear,
+    heldout_mask,
+    prepare_labels,
+    score_predictions,
 )
 from item_embed.cli import main
 from item_embed.encode import ItemEncoder
@@ -206,7 +211,7 @@ def test_fit_linear_cli(linear_clf, tiny_run, tiny_catalog, capsys):
 
 def test_predict_cli(linear_clf, tiny_run, tiny_catalog, tmp_path, capsys):
     out = tmp_path / "pred.parquet"
-    # fp32 as the library's default, so the numbers below can match to 1e-5 (`auto` may pick bf16).
+    # fp32 on both sides, so the numbers below can match to 1e-5 (`auto` may pick bf16).
     assert main(["classify", "predict", str(tiny_catalog), "--classifier", str(linear_clf), "--model", str(tiny_run),
                  "--out", str(out), "-k", "3", "--precision", "fp32", *QUIET]) == 0
     printed = capsys.readouterr().out
@@ -219,7 +224,7 @@ def test_predict_cli(linear_clf, tiny_run, tiny_catalog, tmp_path, capsys):
     assert (pred["prob_1"] >= pred["prob_2"]).all() and (pred["prob_2"] >= pred["prob_3"]).all()
     # Same numbers as the library on the same embeddings.
     clf = Classifier.load(linear_clf)
-    enc = ItemEncoder.from_pretrained(tiny_run, device="cpu")
+    enc = ItemEncoder.from_pretrained(tiny_run, device="cpu", precision="fp32")
     top = clf.top_k(enc.encode(catalog.head(4).to_dict("records"), image_root=tiny_catalog.parent), k=3)
     assert [t[0][0] for t in top] == list(pred["label_1"][:4])
     np.testing.assert_allclose([t[0][1] for t in top], pred["prob_1"][:4], atol=1e-5)

@@ -37,8 +37,8 @@ import pytest
 from PIL import Image
 
 from item_embed.cli import build_parser, main
-from item_embed.export import read_embedding_metadata, read_embeddings
-from item_embed.index import REPORT_FILE, ProductIndex
+from item_embed.embeddings import read_embedding_metadata, read_embeddings
+from item_embed.index.product_index import REPORT_FILE, ProductIndex
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -259,7 +259,7 @@ def test_index_accounts_for_every_embedding_row(embedded, tmp_path, capsys):
 def test_index_update_skips_and_reports_bad_rows_and_keeps_the_build_report(embedded, tmp_path, capsys):
     """`index-update --add` treats unusable rows as `index` does (skipped, named in a report saved in
     the index folder; --strict refuses the update), and an update keeps the build's own report."""
-    from item_embed.index import UPDATE_REPORT_FILE
+    from item_embed.index.product_index import UPDATE_REPORT_FILE
 
     frame, emb = read_embeddings(embedded)
     d = emb.shape[1]

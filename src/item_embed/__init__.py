@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return ItemEncoder
     if name in ("Catalog", "Columns"):
-        from . import catalog
+        from .data import catalog
 
         return getattr(catalog, name)
     if name in ("ModelConfig", "TrainConfig"):

@@ -173,21 +173,28 @@ def save_model(run_dir: Path, model, tokenizer, extra: dict[str, Any] | None = N
     fsync_path(run_dir)
 
 
-def load_model(run_dir: Path):
-    """Load an exported encoder and its config; refuses files that fail their checksum."""
-    from .config import ModelConfig
-    from .model import ItemModel
-
+def read_model_folder(run_dir: str | Path, fmt: str = FORMAT) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, weights) of an exported model folder of format ``fmt``; refuses other folders and
+    weights that fail their checksum."""
     run_dir = Path(run_dir)
     cfg_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise CheckpointError(f"{run_dir} is not an item-embed model folder (needs config.json and model.safetensors)")
     config = json.loads(cfg_path.read_text())
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: unknown format {config.get('format')!r}")
+    if config.get("format") != fmt:
+        raise CheckpointError(f"{run_dir} holds format {config.get('format')!r}, not {fmt!r}")
     if sha256_file(weights) != config.get("weights_sha256"):
         raise CheckpointError(f"{weights} fails its checksum (truncated, corrupted or replaced)")
+    return config, load_file(str(weights))
+
+
+def load_model(run_dir: str | Path):
+    """Load an exported ITEm encoder and its config; refuses files that fail their checksum."""
+    from .config import ModelConfig
+    from .model.encoder import ItemModel
+
+    config, weights = read_model_folder(run_dir)
     model = ItemModel(ModelConfig.from_dict(config["model"]))
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(weights)
     model.eval()
     return model, config

@@ -13,7 +13,7 @@ and JSON (no pickle): ``head.safetensors``, ``classifier.json`` (labels, model i
 options, SHA-256 of every file) and, when fine-tuned, the encoder as written by
 ``checkpoint.save_model`` (so ``ItemEncoder.from_pretrained(folder)`` works on it too).
 
-Held-out numbers use the project's reference split (``evaluate.split_test_mask``: 80/20 by a
+Held-out numbers use the project's reference split (``evaluate.metrics.split_test_mask``: 80/20 by a
 stable hash of the group, or the id), so listings of one product never sit on both sides.
 """
 
@@ -26,7 +26,6 @@ import os
 import shutil
 import warnings
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -34,15 +33,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
 
-from .catalog import Product
 from .checkpoint import CheckpointError, save_model, sha256_file, write_json_atomic
-from .data import ProductArrays
+from .config import TrainConfig
+from .data.arrays import ProductArrays
+from .data.catalog import Product
 from .encode import ItemEncoder
-from .evaluate import split_test_mask
+from .evaluate.metrics import split_test_mask
+from .runtime import autocast, resolve_precision
+from .train.finetune import FineTuning, finetune
 
 FORMAT = "item-embed-classifier/1"
 HEAD_FILE = "head.safetensors"
@@ -393,16 +393,15 @@ def fit_linear(emb: np.ndarray, labels: Sequence[Any], keys: Sequence[Any], *, m
 
 
 @torch.inference_mode()
-def _embed_rows(model, data: ProductArrays, rows: np.ndarray, batch_size: int, dev: torch.device,
-                autocast) -> np.ndarray:
-    """(len(rows), d) pooled, L2-normalised embeddings with the model in eval mode."""
-    model.eval()
+def _predict_rows(task: FineTuning, rows: np.ndarray, batch_size: int, precision: str) -> np.ndarray:
+    """(len(rows), d) pooled, L2-normalised embeddings of ``rows`` of the task's data, in eval mode."""
+    model = task.model.eval()
+    dev = next(model.parameters()).device
     out = [np.zeros((0, model.cfg.hidden_size), dtype=np.float32)]
     for start in range(0, len(rows), batch_size):
-        b = data.batch(rows[start : start + batch_size])
-        images = None if b.images is None else b.images.to(dev)
-        with autocast:
-            h = model(b.input_ids.to(dev), b.text_mask.to(dev), images, b.has_image.to(dev))
+        b = task.data.batch(rows[start : start + batch_size]).to(dev)
+        with autocast(precision, dev):
+            h = model(b.input_ids, b.text_mask, b.images, b.has_image)
         out.append(model.pool(h).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -410,19 +409,17 @@ def _embed_rows(model, data: ProductArrays, rows: np.ndarray, batch_size: int, d
 def fit_finetune(data: ProductArrays | Sequence[Product], labels: Sequence[Any], keys: Sequence[Any],
                  encoder: ItemEncoder, *, label_column: str | None = None, epochs: float = 3.0,
                  batch_size: int = 32, lr: float = 5e-5, head_lr: float = 1e-3, weight_decay: float = 0.01,
-                 precision: str = "fp32", seed: int = 0, device: str | None = None, progress: bool = False,
+                 precision: str = "auto", seed: int = 0, device: str | None = None, progress: bool = False,
+                 run_dir: str | Path | None = None, resume: bool = False,
                  log: Callable[[str], None] = print) -> Classifier:
     """Fine-tune a copy of ``encoder``'s model with a linear head on its pooled [CLS] embedding.
 
-    data: products (or their arrays) in the order of ``labels`` and ``keys``. Trains with AdamW
-    (``lr`` for the encoder, ``head_lr`` for the head; warm-up then linear decay), cross-entropy,
-    optional bf16 autocast, on the train fold only; reports accuracy and macro-F1 on the test
-    fold. The head sees the L2-normalised embedding times sqrt(d) (unit-variance inputs, like
-    standardised features); that scale is folded into the exported weight. The returned
-    Classifier carries the fine-tuned encoder; it is not refitted on the test fold.
+    data: products (or their arrays) in the order of ``labels`` and ``keys``. Trains on the train
+    fold only, through the shared engine (AdamW, ``lr`` for the encoder and ``head_lr`` for the head,
+    10% warm-up then cosine decay, cross-entropy); with ``run_dir`` it logs and checkpoints there and
+    ``resume`` continues a killed run exactly. Reports accuracy and macro-F1 on the test fold. The
+    returned Classifier carries the fine-tuned encoder; it is not refitted on the test fold.
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     if not isinstance(data, ProductArrays):
         cfg = encoder.cfg
         data = ProductArrays.build(list(data), encoder.tokenizer, cfg.max_text_len, cfg.image_size)
@@ -439,68 +436,34 @@ def fit_finetune(data: ProductArrays | Sequence[Product], labels: Sequence[Any],
         messages.append(f"{len(absent)} classes only occur in the held-out fold and are not learnt: {_listing(absent)}")
     remap = np.full(len(names), -1, dtype=np.int64)
     remap[learnt] = np.arange(len(learnt))
-    y_all = torch.from_numpy(remap[np.maximum(codes, 0)])
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
     model = copy.deepcopy(encoder.model)
     if model.shape is not None:
         # The head learns on [CLS]; the tuned encoder's embeddings must be what the head reads.
         model.cfg = replace(model.cfg, shape_dims=0)
         model.shape = None
-    model = model.to(dev)
-    d = model.cfg.hidden_size
-    scale = math.sqrt(d)
-    head = torch.nn.Linear(d, len(learnt)).to(dev)
-    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": lr},
-                             {"params": list(head.parameters()), "lr": head_lr}], weight_decay=weight_decay)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    bs = max(1, min(batch_size, len(train)))
-    per_epoch = math.ceil(len(train) / bs)
-    total = max(1, round(epochs * per_epoch))
-    warmup = max(1, round(0.1 * total))
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    g = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=total, disable=not progress, desc="fine-tune", dynamic_ncols=True)
-    model.train()
-    head.train()
-    perm, last_loss = None, float("nan")
-    for step in range(total):
-        factor = (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * factor
-        i = step % per_epoch
-        if i == 0:
-            perm = train[torch.randperm(len(train), generator=g).numpy()]
-        idx = perm[i * bs : (i + 1) * bs]
-        b = data.batch(idx)
-        images = None if b.images is None else b.images.to(dev)
-        with autocast:
-            out = model(b.input_ids.to(dev), b.text_mask.to(dev), images, b.has_image.to(dev))
-            logits = head(model.pool(out) * scale)  # (B, C)
-        loss = F.cross_entropy(logits.float(), y_all[idx].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
-        opt.step()
-        last_loss = loss.item()
-        bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
-        bar.update(1)
-    bar.close()
-    model.eval()
+    torch.manual_seed(seed)
+    task = FineTuning(model, len(learnt), data, train, remap[np.maximum(codes, 0)])
+    bs = max(2, min(batch_size, len(train)))
+    cfg = TrainConfig(epochs=epochs, batch_size=bs, lr=lr, new_lr_scale=head_lr / lr, weight_decay=weight_decay,
+                      warmup_ratio=0.1, precision=precision, seed=seed)
+    meta = {"finetune": {"finetuned_from": encoder.model_id, "labels": [names[c] for c in learnt]}}
+    result = finetune(task, cfg, Path(run_dir) if run_dir is not None else None, resume=resume, meta=meta,
+                      device=device, progress=progress, log=log)
+    dev = next(model.parameters()).device
+    precision = resolve_precision(precision, dev)
 
-    weight = (head.weight.detach().float().cpu().numpy() * scale).astype(np.float32)
-    bias = head.bias.detach().float().cpu().numpy()
+    weight = (task.head.weight.detach().float().cpu().numpy() * task.scale).astype(np.float32)
+    bias = task.head.bias.detach().float().cpu().numpy()
+    emb = _predict_rows(task, scored, bs, precision)
     tuned = ItemEncoder(model, encoder.tokenizer, {"weights_sha256": "unsaved"}, str(dev), encoder.precision)
-    options = {"method": "finetune", "finetuned_from": encoder.model_id, "epochs": epochs, "steps": total,
+    options = {"method": "finetune", "finetuned_from": encoder.model_id, "epochs": epochs, "steps": result.steps,
                "batch_size": bs, "lr": lr, "head_lr": head_lr, "weight_decay": weight_decay,
                "precision": precision, "seed": seed}
     clf = Classifier([names[c] for c in learnt], weight, bias, tuned.model_id, label_column, None, options, tuned)
-
     heldout: dict[str, Any] = {"train_rows": int(len(train)), "test_rows": int(len(scored) + len(unscored)),
                                "scored_rows": int(len(scored)), "unscored_rows": int(len(unscored)),
-                               "final_train_loss": last_loss}
-    emb = _embed_rows(model, data, scored, bs, dev, autocast)
+                               "final_train_loss": result.last.get("loss", float("nan"))}
     heldout.update(heldout_metrics([names[c] for c in codes[scored]], clf.predict(emb) if len(scored) else []))
     heldout["classes_scored"] = int(len(np.unique(codes[scored])))
     if unscored.size:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -11,16 +10,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .catalog import Product
 from .checkpoint import load_model
-from .data import Batch, ProductArrays, load_tokenizer, make_batch
-from .images import ImageError, ImageLimits, load_image_array
-from .model import ItemModel
+from .data.arrays import Batch, ProductArrays, load_tokenizer, make_batch
+from .data.catalog import Product
+from .data.images import ImageError, ImageLimits, load_image_array
+from .model.encoder import ItemModel
+from .runtime import autocast, pick_device, resolve_precision
 
 
 def _bf16_copy(model: ItemModel) -> ItemModel:
-    """A bfloat16 copy of ``model`` for inference; its shape slice is ``model``'s own float32 one (the
-    whitening needs fp32 and has no weights worth copying)."""
+    """A bfloat16 copy of ``model`` for inference; its shape slice (if any) is ``model``'s own float32
+    one (the whitening needs fp32 and has no weights worth copying)."""
+    if not hasattr(model, "shape"):  # the dual encoder has no slice
+        return copy.deepcopy(model).to(torch.bfloat16).eval()
     shape, model.shape = model.shape, None
     try:
         runner = copy.deepcopy(model).to(torch.bfloat16).eval()
@@ -30,41 +32,15 @@ def _bf16_copy(model: ItemModel) -> ItemModel:
     return runner
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bf16 support, or
-    a CPU with AMX or AVX512-BF16. Elsewhere bf16 is emulated and slower than fp32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:  # private helpers (torch 2.x); if they move, fall back to fp32 rather than guess
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``fp32``; ``bf16`` / ``fp32`` as given."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
 class ItemEncoder:
     """A trained ITEm encoder with its tokenizer and preprocessing.
 
     ``encode`` accepts records with an ``image`` (path, bytes, PIL image), a ``title`` (and an
     optional ``description``), or both, and returns L2-normalised float32 embeddings (n, d).
 
-    ``precision="auto"`` picks bf16 where the device has native bf16 matrix units (on the 2-core
-    AMX CPU of benchmarks/RESULTS.md 2.4x the fp32 speed, hm-dev joint R@1 0.9958 vs 0.9963) and
-    fp32 elsewhere; ``precision`` holds the choice made. bf16 encodes with a bfloat16 copy of
+    ``precision="auto"`` (the default) picks bf16 where the device has native bf16 matrix units (on
+    the 2-core AMX CPU of benchmarks/RESULTS.md 2.4x the fp32 speed, hm-dev joint R@1 0.9958 vs
+    0.9963) and fp32 elsewhere; ``precision`` holds the choice made. bf16 encodes with a bfloat16 copy of
     ``model`` made here (``runner``; the shape slice stays float32) under autocast: autocast alone
     re-casts every fp32 weight on each batch, ~15% of the encode time on CPU
     (benchmarks/bench_encode.py). ``model`` itself stays as given (what ``save_model`` writes and
@@ -72,18 +48,18 @@ class ItemEncoder:
     """
 
     def __init__(self, model: ItemModel, tokenizer, config: dict | None = None, device: str | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "auto") -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or {}
         self.cfg = model.cfg
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device)
         self.model.to(self.device)
         self.precision = resolve_precision(precision, self.device)
         self.runner = self.model if self.precision == "fp32" else _bf16_copy(self.model)
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, device: str | None = None, precision: str = "fp32") -> "ItemEncoder":
+    def from_pretrained(cls, run_dir: str | Path, device: str | None = None, precision: str = "auto") -> "ItemEncoder":
         model, config = load_model(Path(run_dir))
         return cls(model, load_tokenizer(run_dir), config, device, precision)
 
@@ -141,9 +117,8 @@ class ItemEncoder:
     def _encode_batch(self, batch: Batch) -> np.ndarray:
         dev = self.device
         images = None if batch.images is None else batch.images.to(dev)
-        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         has_image = batch.has_image.to(dev)
-        with ctx:
+        with autocast(self.precision, dev):
             out = self.runner(batch.input_ids.to(dev), batch.text_mask.to(dev), images, has_image)
             emb = self.runner.product_embedding(out, images, batch.has_text.to(dev), has_image)
         return emb.cpu().numpy().astype(np.float32)

@@ -1,0 +1,50 @@
+"""Subcommand ``embed``: a catalog's product embeddings as Parquet (one process, or a torchrun job
+writing one part per rank)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .common import add_catalog_args, add_command, add_device_arg, add_precision_arg, finish_report, open_catalog
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    from ..data.catalog import CatalogReport
+    from ..embeddings import embed_catalog, embed_catalog_distributed
+    from ..encode import ItemEncoder
+    from ..runtime import setup_distributed
+
+    ranks, device = setup_distributed(a.device)
+    encoder = ItemEncoder.from_pretrained(a.model, device=str(device), precision=a.precision)
+    catalog = open_catalog(a)
+    out = Path(a.out)
+    t0 = time.perf_counter()
+    if ranks.world > 1:
+        # Under torchrun: each rank embeds its share into OUT/part-RANK.parquet; rank 0 writes the manifest.
+        report = embed_catalog_distributed(catalog, encoder, out, ranks.rank, ranks.world, a.batch_size, a.strict,
+                                           progress=not a.no_progress)
+        if not ranks.main:
+            return 0
+        n, report_path = report.used, out / "report.json"
+    else:
+        report = CatalogReport()
+        n = embed_catalog(catalog, encoder, out, batch_size=a.batch_size, strict=a.strict, report=report,
+                          progress=not a.no_progress)
+        report_path = out.parent / (out.stem + ".report.json")
+    dt = time.perf_counter() - t0
+    print(f"embedded {n} products in {dt:.1f}s ({n / max(dt, 1e-9):.1f}/s, {encoder.precision}) -> {out}")
+    finish_report(report, report_path.parent, report_path.name)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = add_command(sub, "embed", "write product embeddings for a catalog")
+    add_catalog_args(e)
+    e.add_argument("--model", required=True, help="run folder of a trained model")
+    e.add_argument("--out", required=True, help="output .parquet (under torchrun: a folder of parts + manifest.json)")
+    e.add_argument("--batch-size", type=int, default=64, help="products per forward pass")
+    add_precision_arg(e)
+    add_device_arg(e)
+    e.set_defaults(func=cmd_embed)

@@ -1,0 +1,79 @@
+"""The dual-encoder peer as a featurizer: ``DualEncoder`` keeps ``ItemEncoder``'s interface
+(``encode``, ``encode_products``, ``to_product``), so the harness loads it with
+``load_featurizer("dual:DIR")`` and the report shows its example queries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..data.arrays import load_tokenizer, make_batch
+from ..data.catalog import Product
+from ..encode import ItemEncoder
+from ..model.dual import MODES, load_dual_model
+from ..runtime import autocast
+
+
+class DualEncoder(ItemEncoder):
+    """A trained dual encoder with ITEm's preprocessing and encoder interface.
+
+    ``embed(products, mode)`` / ``encode_products(products, mode)``: float32 (n, D), rows
+    L2-normalised; mode ``image`` uses the image tower, ``title`` the text tower, ``joint``
+    normalize(image + title), falling back to whichever the product has. A product with nothing
+    for the mode gets a zero row. ``encode(records)`` (inherited) embeds joint.
+    """
+
+    name = "dual"
+    modalities = frozenset({"text", "image"})
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, device: str | None = None, precision: str = "auto") -> "DualEncoder":
+        model, config = load_dual_model(run_dir)
+        return cls(model, load_tokenizer(run_dir), config, device, precision)
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    @property
+    def model_id(self) -> str:
+        blob = json.dumps({"model": self.cfg.identity_dict(), "dual": self.model.dual.to_dict()}, sort_keys=True)
+        weights = str(self.config.get("weights_sha256", ""))[:16]
+        return f"dual-{hashlib.sha256(blob.encode()).hexdigest()[:16]}-{weights}"
+
+    @torch.inference_mode()
+    def encode_products(self, products: Sequence[Product], mode: str = "joint") -> np.ndarray:
+        """Embed validated products in one batch: float32 (n, D)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        out = np.zeros((len(products), self.dim), dtype=np.float32)
+        if not products:
+            return out
+        batch = make_batch(products, self.tokenizer, self.cfg.max_text_len, self.cfg.image_size)
+        dev = self.device
+        use_image = batch.has_image.numpy() & (mode != "title")
+        use_text = batch.has_text.numpy() & (mode != "image")
+        with autocast(self.precision, dev):
+            if use_image.any():
+                rows = np.flatnonzero(use_image)
+                picked = batch.images[torch.from_numpy(rows)].to(dev)
+                out[rows] += self.model.encode_image(picked).cpu().numpy()
+            if use_text.any():
+                rows = np.flatnonzero(use_text)
+                idx = torch.from_numpy(rows)
+                text = self.model.encode_text(batch.input_ids[idx].to(dev), batch.text_mask[idx].to(dev))
+                out[rows] += text.cpu().numpy()
+        norm = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norm > 0, norm, 1.0)
+
+    def embed(self, products: Sequence[Product], mode: str = "joint", batch_size: int = 64) -> np.ndarray:
+        """float32 (n, D) embeddings of ``products`` in ``mode`` (joint, image or title)."""
+        if not products:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate([self.encode_products(products[i : i + batch_size], mode)
+                               for i in range(0, len(products), batch_size)])

@@ -1,0 +1,239 @@
+"""The five ITEm objectives: masking and swapping in one place, each head next to its loss.
+
+One shared forward pass serves all five: ITM negatives are swapped in and text/patches masked
+for every row (so masking cannot tell ITM which rows are negatives); the masked-prediction
+losses are then computed on matched rows only. The global heads read nothing but the final
+``[CLS]`` state and the masked position's position embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ObjectiveConfig
+from ..data.arrays import Batch
+from ..data.images import patchify
+from .encoder import EncoderOutput, ItemModel
+
+IGNORE = -100
+
+
+@dataclass
+class MaskedBatch:
+    """A batch after ITM swapping and MLM/MIM masking."""
+
+    input_ids: torch.Tensor  # (B, T) with [MASK] / random / kept tokens at MLM positions
+    text_mask: torch.Tensor  # (B, T) bool
+    images: torch.Tensor | None  # (B, S, S, 3) uint8 with ITM negatives' images swapped in
+    has_image: torch.Tensor  # (B,) bool
+    mlm_labels: torch.Tensor  # (B, T) original ids at chosen positions, IGNORE elsewhere
+    mim_mask: torch.Tensor | None  # (B, N) bool: patch replaced by [MASK]
+    itm_labels: torch.Tensor  # (B,) 1 matched, 0 swapped, IGNORE when the row lacks a modality
+    matched: torch.Tensor  # (B,) bool: rows whose image is their own (masked losses use these)
+    has_text: torch.Tensor  # (B,) bool
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice) -> "MaskedBatch":
+        """The rows ``rows`` of every field (a rank's or a micro-batch's share)."""
+        return MaskedBatch(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
+
+    def to(self, device: torch.device) -> "MaskedBatch":
+        return MaskedBatch(**{k: None if v is None else v.to(device, non_blocking=True)
+                              for k, v in vars(self).items()})
+
+
+def _choose_donors(n: int, negatives: torch.Tensor, with_image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """For each negative row, another row (with an image) to take the image from."""
+    pool = torch.nonzero(with_image).squeeze(1)
+    donors = pool[torch.randint(len(pool), (len(negatives),), generator=g)]
+    # Never "swap" a row with itself: shift such picks to the next row of the pool.
+    same = donors == negatives
+    if same.any():
+        pos = torch.searchsorted(pool, donors[same])
+        donors[same] = pool[(pos + 1) % len(pool)]
+    return donors
+
+
+def mask_batch(
+    batch: Batch, cfg: ObjectiveConfig, num_patches: int, special_ids: list[int], mask_id: int,
+    vocab_size: int, g: torch.Generator,
+) -> MaskedBatch:
+    """Swap ITM negatives and mask text and patches, all from generator ``g`` (reproducible)."""
+    b = len(batch)
+    w = cfg.weights()
+    images = batch.images
+    itm_labels = torch.full((b,), IGNORE, dtype=torch.long)
+    matched = torch.ones(b, dtype=torch.bool)
+    both = batch.has_text & batch.has_image
+    if w["itm"] > 0 and images is not None and int(both.sum()) >= 2:
+        itm_labels[both] = 1
+        eligible = torch.nonzero(both).squeeze(1)
+        n_neg = int(round(cfg.itm_negative_ratio * len(eligible)))
+        negatives = eligible[torch.randperm(len(eligible), generator=g)[:n_neg]].sort().values
+        if n_neg:
+            donors = _choose_donors(b, negatives, both, g)
+            images = images.clone()
+            images[negatives] = batch.images[donors]
+            itm_labels[negatives] = 0
+            matched[negatives] = False
+
+    input_ids = batch.input_ids.clone()
+    mlm_labels = torch.full_like(input_ids, IGNORE)
+    if (w["mlm"] > 0 or w["global_mlm"] > 0) and cfg.mlm_prob > 0:
+        special = torch.isin(input_ids, torch.tensor(special_ids))
+        candidates = batch.text_mask & ~special & batch.has_text.unsqueeze(1)
+        chosen = candidates & (torch.rand(input_ids.shape, generator=g) < cfg.mlm_prob)
+        mlm_labels[chosen] = input_ids[chosen]
+        action = torch.rand(input_ids.shape, generator=g)
+        to_mask = chosen & (action < 0.8)
+        to_random = chosen & (action >= 0.8) & (action < 0.9)
+        input_ids[to_mask] = mask_id
+        random_ids = torch.randint(vocab_size, input_ids.shape, generator=g)
+        input_ids[to_random] = random_ids[to_random]
+
+    mim_mask = None
+    if images is not None and (w["mim"] > 0 or w["global_mim"] > 0) and cfg.mim_ratio > 0:
+        # Exactly round(ratio * N) patches per image row, as in MAE's random_masking.
+        k = max(1, int(round(cfg.mim_ratio * num_patches)))
+        noise = torch.rand(b, num_patches, generator=g)
+        ranks = noise.argsort(dim=1).argsort(dim=1)
+        mim_mask = (ranks < k) & batch.has_image.unsqueeze(1)
+
+    return MaskedBatch(input_ids, batch.text_mask, images, batch.has_image, mlm_labels, mim_mask, itm_labels, matched,
+                       batch.has_text)
+
+
+def patch_targets(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """MIM targets, (B, N, p*p*3): each patch's pixels normalised by its own mean and variance (as in MAE)."""
+    x = patchify(images.float() / 255.0, patch_size)  # (B, N, p*p*3)
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True)
+    return (x - mean) / (var + 1e-6).sqrt()
+
+
+class _Transform(nn.Sequential):
+    """Dense -> GELU -> LayerNorm, as in BERT's prediction heads."""
+
+    def __init__(self, d_in: int, hidden: int, eps: float) -> None:
+        super().__init__(nn.Linear(d_in, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=eps))
+
+
+class ITMHead(nn.Module):
+    """Matched / not matched from the final [CLS] state."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.net(cls)  # (B, 2)
+
+
+class WordHead(nn.Module):
+    """Predicts a word; the output matrix is tied to the input word embeddings.
+
+    ``d_in`` is H for MLM (own output) and 2H for global MLM ([CLS] ++ position embedding).
+    """
+
+    def __init__(self, d_in: int, hidden: int, vocab: int, eps: float) -> None:
+        super().__init__()
+        self.transform = _Transform(d_in, hidden, eps)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, x: torch.Tensor, word_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(x), word_weight, self.bias)  # (K, vocab)
+
+
+class PatchHead(nn.Module):
+    """Regresses a patch's MIM target (d_in: H for MIM, 2H for global MIM)."""
+
+    def __init__(self, d_in: int, hidden: int, out_dim: int, eps: float) -> None:
+        super().__init__()
+        self.transform = _Transform(d_in, hidden, eps)
+        self.out = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.transform(x))  # (K, target_dim)
+
+
+class ItemObjectives(nn.Module):
+    """Heads and losses of the enabled objectives; sums them with their weights."""
+
+    def __init__(self, model: ItemModel, cfg: ObjectiveConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mc = model.cfg
+        h, eps, d_target = mc.hidden_size, mc.layer_norm_eps, mc.patch_dim
+        w = cfg.weights()
+        self.heads = nn.ModuleDict()
+        if w["itm"] > 0:
+            self.heads["itm"] = ITMHead(h)
+        if w["mlm"] > 0:
+            self.heads["mlm"] = WordHead(h, h, mc.vocab_size, eps)
+        if w["global_mlm"] > 0:
+            self.heads["global_mlm"] = WordHead(2 * h, h, mc.vocab_size, eps)
+        if w["mim"] > 0:
+            self.heads["mim"] = PatchHead(h, h, d_target, eps)
+        if w["global_mim"] > 0:
+            self.heads["global_mim"] = PatchHead(2 * h, h, d_target, eps)
+
+    def global_word_logits(self, model: ItemModel, out: EncoderOutput, rows: torch.Tensor,
+                           positions: torch.Tensor) -> torch.Tensor:
+        """Global MLM: logits for text ``positions`` of ``rows`` from [CLS] + position embedding only."""
+        cls = out.hidden[rows, 0]
+        pos = model.text_positions.weight[positions].to(cls.dtype)
+        return self.heads["global_mlm"](torch.cat([cls, pos], dim=-1), model.word_embeddings.weight)
+
+    def global_patch_pred(self, model: ItemModel, out: EncoderOutput, rows: torch.Tensor,
+                          patches: torch.Tensor) -> torch.Tensor:
+        """Global MIM: targets of ``patches`` of ``rows`` from [CLS] + the patch's position embedding only."""
+        cls = out.hidden[rows, 0]
+        pos = model.image_pos[0, patches].to(cls.dtype)
+        return self.heads["global_mim"](torch.cat([cls, pos], dim=-1))
+
+    def forward(self, model: ItemModel, out: EncoderOutput, mb: MaskedBatch) -> dict[str, torch.Tensor]:
+        """Each enabled objective's loss (fp32 scalars), ``loss`` their weighted sum, and ``itm_acc``."""
+        losses: dict[str, torch.Tensor] = {}
+        if "itm" in self.heads and bool((mb.itm_labels != IGNORE).any()):
+            rows = mb.itm_labels != IGNORE
+            logits = self.heads["itm"](out.hidden[rows, 0]).float()
+            losses["itm"] = F.cross_entropy(logits, mb.itm_labels[rows])
+            losses["itm_acc"] = (logits.argmax(-1) == mb.itm_labels[rows]).float().mean().detach()
+
+        text_sel = (mb.mlm_labels != IGNORE) & mb.matched.unsqueeze(1)
+        if bool(text_sel.any()):
+            rows, positions = torch.nonzero(text_sel, as_tuple=True)
+            labels = mb.mlm_labels[rows, positions]
+            if "mlm" in self.heads:
+                logits = self.heads["mlm"](out.hidden[rows, positions], model.word_embeddings.weight)
+                losses["mlm"] = F.cross_entropy(logits.float(), labels)
+            if "global_mlm" in self.heads:
+                logits = self.global_word_logits(model, out, rows, positions)
+                losses["global_mlm"] = F.cross_entropy(logits.float(), labels, reduction="none").mean()
+
+        if mb.mim_mask is not None:
+            patch_sel = mb.mim_mask & mb.matched.unsqueeze(1)
+            if bool(patch_sel.any()):
+                targets = patch_targets(mb.images, model.cfg.patch_size)
+                rows, patches = torch.nonzero(patch_sel, as_tuple=True)
+                if "mim" in self.heads:
+                    pred = self.heads["mim"](out.hidden[rows, out.text_len + patches])
+                    losses["mim"] = F.mse_loss(pred.float(), targets[rows, patches])
+                if "global_mim" in self.heads:
+                    pred = self.global_patch_pred(model, out, rows, patches)
+                    per_patch = F.mse_loss(pred.float(), targets[rows, patches], reduction="none").mean(-1)
+                    losses["global_mim"] = per_patch.mean()
+
+        weights = self.cfg.weights()
+        losses["loss"] = sum((weights[k] * v for k, v in losses.items() if k in weights), torch.zeros(()))
+        return losses
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    return [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]

@@ -1,0 +1,230 @@
+"""The FastAPI app over a loaded search service: ``create_app`` from loaded objects (what the tests
+use), ``load_service`` from folders (what ``item-embed serve`` runs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Callable
+
+from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+
+from ..data.catalog import Catalog, Columns
+from ..data.images import DEFAULT_MAX_PIXELS, ImageLimits
+from ..encode import ItemEncoder
+from ..index.product_index import ProductIndex
+from .product_images import ProductImages, clean_id
+from .schemas import ClassifyOut, EmbedOut, HealthOut, ProductOut, SearchOut
+from .service import DEFAULT_MAX_UPLOAD_BYTES, MAX_K, SearchQuery, SearchService, ServiceLoadError
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, headers, the title and k on top of the file
+MAX_TITLE_BYTES = 16 * 1024
+
+
+class _BodyLimit:
+    """413 with a JSON message for request bodies over ``limit`` bytes.
+
+    A Content-Length over the limit is refused before any byte is read; a body without one
+    (chunked) is counted as it arrives and refused as soon as it passes the limit, so at most
+    ``limit`` bytes plus one ASGI message are read.
+    """
+
+    def __init__(self, app, limit: int, message: str) -> None:
+        self.app, self.limit, self.message = app, limit, message
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.limit):
+            bad = not length.strip().isdigit()
+            response = JSONResponse({"detail": "invalid Content-Length" if bad else self.message},
+                                    status_code=400 if bad else 413, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # raised inside form parsing: FastAPI passes HTTPExceptions on
+                    raise HTTPException(413, self.message, headers={"Connection": "close"})
+            return message
+
+        await self.app(scope, counted, send)
+
+
+ImageField = Annotated[UploadFile | None, File(description="query image (JPEG, PNG, WebP, ...)")]
+TitleField = Annotated[str | None, Form(description="query title")]
+KForm = Annotated[int, Form(ge=1, le=MAX_K, description="number of results")]
+KQuery = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
+IdPath = Annotated[str, PathParam(description="product id")]
+
+
+def _first_error(errors: list[dict]) -> str:
+    if not errors:
+        return "invalid request"
+    e = errors[0]
+    where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path"))
+    return f"{where}: {e.get('msg', 'invalid value')}" if where else str(e.get("msg", "invalid request"))
+
+
+def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catalog: Catalog | ProductImages | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+               threads: int = 2, title_column: str = "title", index_dir: str | Path | None = None,
+               images_loader: Callable[[ProductIndex], ProductImages | None] | None = None) -> FastAPI:
+    """The search app over loaded objects.
+
+    encoder: the model that built ``index`` (checked by model id); classifier: a
+    ``classify.Classifier`` (linear on this encoder, or fine-tuned with its own); catalog: where
+    product images come from (a ``Catalog`` or ``ProductImages``; None: no images);
+    max_upload_bytes: largest accepted image upload (the whole request body gets a little more
+    for the multipart framing and the title); max_pixels: pixel cap checked on the image header
+    before decoding; threads: image decodes + forward passes allowed to run at once; index_dir:
+    where ``app.state.service.reload_index()`` reads a rebuilt index from; images_loader: catalog
+    images for a reloaded index (default: re-read from ``catalog`` when it is a Catalog, else kept).
+    """
+    images = catalog
+    if isinstance(catalog, Catalog):
+        # Catalog files are the operator's: the upload byte cap does not apply, the pixel cap does.
+        limits = ImageLimits(max_pixels=int(max_pixels))
+        images = ProductImages.from_catalog(catalog, index.ids, limits)
+        if images_loader is None:
+            images_loader = lambda new: ProductImages.from_catalog(catalog, new.ids, limits)  # noqa: E731
+    svc = SearchService(encoder, index, classifier, images, max_upload_bytes, max_pixels, threads, title_column,
+                        index_dir=index_dir, images_loader=images_loader)
+    body_limit = int(max_upload_bytes) + FORM_OVERHEAD_BYTES
+
+    app = FastAPI(
+        title="item-embed search",
+        version="1",
+        summary="Nearest products to an image and/or a title, from ITEm product embeddings.",
+        form_limits={"max_files": 1, "max_fields": 8, "max_part_size": MAX_TITLE_BYTES},
+    )
+    app.state.service = svc
+
+    app.add_middleware(_BodyLimit, limit=body_limit,
+                       message=f"request too large: image uploads are limited to {svc.max_upload_bytes:,} bytes")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str, bytes: lambda b: f"<{len(b)} bytes>"})
+        return JSONResponse({"detail": _first_error(errors), "errors": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal server error (logged on the server)"}, status_code=500)
+
+    async def read_query(image: UploadFile | None, title: str | None) -> SearchQuery:
+        data = None
+        if image is not None:
+            data = await image.read(svc.max_upload_bytes + 1)  # never more than the cap + 1
+            if len(data) > svc.max_upload_bytes:
+                raise HTTPException(413, f"image upload is over the {svc.max_upload_bytes:,}-byte limit")
+            if not data:
+                if image.filename:
+                    raise HTTPException(422, f"uploaded image {image.filename!r} is empty")
+                data = None  # a form's empty file field: no image chosen
+        text = " ".join(title.split()) if title else None
+        query = SearchQuery(data, text or None)
+        if query.image is None and query.title is None:
+            raise HTTPException(422, "give an image, a title, or both")
+        return query
+
+    @app.post("/search", response_model=SearchOut, summary="Nearest products to an image and/or a title")
+    async def search(image: ImageField = None, title: TitleField = None, k: KForm = 10) -> SearchOut:
+        query = await read_query(image, title)
+        return await run_in_threadpool(svc.search, query, k)
+
+    @app.get("/similar/{product_id:path}", response_model=SearchOut, summary="Nearest products to an indexed product")
+    def similar(product_id: IdPath, k: KQuery = 10) -> SearchOut:
+        return svc.similar(product_id, k)
+
+    @app.post("/embed", response_model=EmbedOut, summary="Embedding of an image and/or a title")
+    async def embed(image: ImageField = None, title: TitleField = None) -> EmbedOut:
+        query = await read_query(image, title)
+        vector = await run_in_threadpool(svc.embed, query)
+        return EmbedOut(embedding=vector.astype(float).tolist(), dim=int(vector.shape[0]), model_id=encoder.model_id,
+                        modalities=query.modalities)
+
+    @app.post("/classify", response_model=ClassifyOut, summary="Top-k labels of an image and/or a title",
+              responses={404: {"description": "no classifier loaded"}})
+    async def classify(image: ImageField = None, title: TitleField = None, k: KForm = 5) -> ClassifyOut:
+        if svc.classifier is None:  # before decoding the upload: nothing to do with it
+            raise HTTPException(404, "no classifier is loaded: start the service with --classifier CLF_DIR")
+        query = await read_query(image, title)
+        return await run_in_threadpool(svc.classify, query, k)
+
+    # The image route comes first: "{id:path}" would otherwise swallow "/image".
+    @app.get("/products/{product_id:path}/image", summary="The product's catalog image (JPEG thumbnail)",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def product_image(product_id: IdPath) -> Response:
+        return Response(svc.thumbnail(product_id), media_type="image/jpeg",
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/products/{product_id:path}", response_model=ProductOut, summary="Metadata of an indexed product")
+    def product(product_id: IdPath) -> ProductOut:
+        return svc.product(product_id)
+
+    @app.get("/health", response_model=HealthOut, summary="Model, index and limits")
+    def health() -> HealthOut:
+        return svc.health()
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: str | Path | None = None,
+                 catalog: str | Path | None = None, image_root: str | Path | None = None, *,
+                 columns: Columns | None = None, device: str | None = None, precision: str = "fp32",
+                 **app_options) -> FastAPI:
+    """Load the model, its index (refused when built by another model), the classifier and the
+    catalog images, and build the app. ``catalog`` / ``image_root`` default to the ones the
+    embeddings were made from (recorded in the index); ``precision`` is the encoder's (fp32, bf16 or
+    auto; ``item-embed serve`` passes auto); ``app_options`` go to :func:`create_app`.
+    """
+    from ..classify import Classifier
+
+    encoder = ItemEncoder.from_pretrained(model_dir, device=device, precision=precision)
+    index = ProductIndex.load(index_dir, expected_model_id=encoder.model_id)
+    classifier = Classifier.load(classifier_dir, device=device, precision=precision) if classifier_dir is not None else None
+    columns = columns or Columns()
+    max_pixels = app_options.get("max_pixels", DEFAULT_MAX_PIXELS)
+
+    def images_for(ix: ProductIndex) -> ProductImages | None:
+        """Catalog images of ``ix``'s products; re-read for a reloaded index (its catalog may be new)."""
+        source = catalog if catalog is not None else ix.catalog
+        if source is None:
+            return None
+        root = image_root if image_root is not None else (ix.image_root if catalog is None else None)
+        if catalog is None and not Path(source).is_file():
+            logger.warning("catalog %s recorded in the index is gone: product images will not be shown "
+                           "(pass --catalog)", source)
+            return None
+        cat = Catalog.open(source, columns, root, read_columns=[columns.id, columns.image])
+        if columns.image not in cat.column_names:
+            raise ServiceLoadError(f"catalog {source} has no image column {columns.image!r}: map it with --image-column")
+        images = ProductImages.from_catalog(cat, ix.ids, ImageLimits(max_pixels=max_pixels))
+        if len(cat) and not any(clean_id(i) in ix for i in cat.frame[columns.id]):
+            raise ServiceLoadError(f"catalog {source} shares no product id with the index: wrong catalog?")
+        if len(images) < len(ix):
+            logger.info("%d of %d indexed products have a catalog image", len(images), len(ix))
+        return images
+
+    return create_app(encoder, index, classifier, images_for(index), index_dir=index_dir, images_loader=images_for,
+                      **app_options)

@@ -1,0 +1,95 @@
+"""Product images from the catalog the embeddings came from, served as thumbnails."""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+from PIL import Image
+
+from ..data.catalog import Catalog
+from ..data.images import ImageError, ImageLimits, decode_image
+
+THUMBNAIL_PX = 256
+
+
+def clean_id(value: Any) -> str | None:
+    """An id as the catalog reader spells it (integer floats as ints, whitespace collapsed)."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = " ".join(str(value).split())
+    return text or None
+
+
+class ProductImages:
+    """Catalog images of indexed products: encoded bytes, or paths that must stay under ``root``.
+
+    A path that resolves outside the root (``../``, an absolute path, a symlink pointing out) is
+    refused, so the service can never be made to read an arbitrary file.
+    """
+
+    def __init__(self, sources: dict[str, bytes | str], root: Path | None, limits: ImageLimits) -> None:
+        self._sources = sources
+        self.root = root.resolve() if root is not None else None
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._thumbs: dict[str, bytes] = {}  # small LRU by insertion order
+
+    @classmethod
+    def from_catalog(cls, catalog: Catalog, ids: Iterable[str] | None = None,
+                     limits: ImageLimits | None = None) -> "ProductImages":
+        """Map product id -> image value for the rows of ``catalog`` (first row wins on duplicates)."""
+        col_id, col_image = catalog.columns.id, catalog.columns.image
+        wanted = set(ids) if ids is not None else None
+        sources: dict[str, bytes | str] = {}
+        if col_image in catalog.frame:
+            for raw_id, value in zip(catalog.frame[col_id], catalog.frame[col_image]):
+                pid = clean_id(raw_id)
+                if pid is None or pid in sources or (wanted is not None and pid not in wanted):
+                    continue
+                if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
+                    sources[pid] = bytes(value)
+                elif isinstance(value, str) and value.strip():
+                    sources[pid] = value.strip()
+        return cls(sources, Path(catalog.image_root), limits or ImageLimits())
+
+    def __contains__(self, product_id: str) -> bool:
+        return product_id in self._sources
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def source(self, product_id: str) -> bytes | Path:
+        """The product's image bytes or confined path; KeyError when it has none, ImageError when refused."""
+        value = self._sources[product_id]
+        if isinstance(value, bytes):
+            return value
+        if self.root is None:
+            raise ImageError("no image root to resolve the catalog path against")
+        path = (self.root / value).resolve()  # an absolute value replaces the root: checked below
+        if not path.is_relative_to(self.root):
+            raise ImageError(f"image path {value!r} is outside the image root")
+        return path
+
+    def thumbnail(self, product_id: str, size: int = THUMBNAIL_PX) -> bytes:
+        """The product image decoded under the limits and re-encoded as a JPEG of at most ``size`` px."""
+        with self._lock:
+            cached = self._thumbs.get(product_id)
+        if cached is not None:
+            return cached
+        im = decode_image(self.source(product_id), None, self.limits, draft_size=size)
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=88)
+        data = buf.getvalue()
+        with self._lock:
+            self._thumbs[product_id] = data
+            while len(self._thumbs) > 4096:
+                self._thumbs.pop(next(iter(self._thumbs)))
+        return data

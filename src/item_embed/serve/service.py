@@ -1,0 +1,407 @@
+"""HTTP search service: a trained encoder + a product index (+ optionally a classifier) behind FastAPI.
+
+``create_app(encoder, index, ...)`` builds the app from loaded objects (what the tests use);
+``load_service(model_dir, index_dir, ...)`` loads them from folders, refusing an index built by
+another model. Endpoints::
+
+    POST /search               multipart image and/or title, k -> nearest products
+    GET  /similar/{id}?k=      nearest products to an indexed product (itself excluded)
+    POST /embed                multipart image and/or title -> the embedding
+    POST /classify             multipart image and/or title, k -> top-k labels (needs a classifier)
+    GET  /products/{id}        carried metadata of an indexed product
+    GET  /products/{id}/image  the product's catalog image as a JPEG thumbnail
+    GET  /health               model id, index size, dimension, limits
+    GET  /                     the search page (static/index.html); /docs and /openapi.json
+
+Model calls are CPU-bound and run in worker threads (torch releases the GIL); a semaphore caps
+how many image decodes and forward passes run at once, so that concurrent requests neither
+oversubscribe the cores nor hold more than that many decoded images in memory.
+Every client error is a 4xx with ``{"detail": message}``; anything unexpected is logged and
+answered with a generic 500.
+
+The index can be swapped while requests run (``SearchService.reload_index``; ``item-embed serve``
+does it on SIGHUP): the new index is loaded and checked against the model first, then the index
+and everything derived from it are replaced by one attribute assignment. A request works with the
+state it started with, so in-flight requests finish on the old index and none fails; a refused
+index is logged and the old one stays in service.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+from fastapi import HTTPException
+from PIL import Image
+
+from ..data.images import DEFAULT_MAX_PIXELS, ImageError, ImageLimits, decode_image
+from ..encode import ItemEncoder
+from ..index.product_index import IndexLoadError, ProductIndex
+from .product_images import ProductImages
+from .schemas import ClassifyOut, HealthOut, HitOut, Prediction, ProductOut, QueryOut, SearchOut
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_BYTES = 10_000_000
+MAX_K = 100
+PREDICTION_CACHE = 50_000  # fine-tuned classifier: predicted labels of catalog products kept
+
+
+class ServiceLoadError(ValueError):
+    """The model, index, classifier or catalog given to the service do not go together."""
+
+
+@dataclass
+class SearchQuery:
+    """A validated request: image bytes and/or a title."""
+
+    image: bytes | None
+    title: str | None
+
+    @property
+    def modalities(self) -> list[str]:
+        return [name for name, v in (("image", self.image), ("title", self.title)) if v is not None]
+
+
+def _jsonable(value: Any) -> Any:
+    """A metadata cell as plain JSON (numpy scalars unwrapped, NaN -> null)."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return None  # binary columns are not metadata to show
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return str(value)
+
+
+@dataclass(frozen=True)
+class _Served:
+    """The index in service and what is derived from it: replaced as one object on reload, so a
+    request that took it at its start sees one consistent index to the end."""
+
+    index: ProductIndex
+    row_of: dict[str, int]
+    images: ProductImages | None
+    loaded: str
+    predictions: dict[str, Prediction | None] = field(default_factory=dict)  # fine-tuned classifier cache
+
+    @classmethod
+    def of(cls, index: ProductIndex, images: ProductImages | None) -> "_Served":
+        return cls(index, {pid: i for i, pid in enumerate(index.ids)}, images,
+                   datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+RELOAD_ATTEMPTS = 3  # an index being saved is briefly absent (two renames): try again shortly
+RELOAD_RETRY_S = 0.2
+
+
+class SearchService:
+    """Encoder + index (+ classifier, + catalog images), with the checks the endpoints rely on.
+
+    index_dir: where ``reload_index()`` reads a rebuilt index from; images_loader: gives the catalog
+    images for a newly loaded index (None: keep the current ones).
+    """
+
+    def __init__(self, encoder: ItemEncoder, index: ProductIndex, classifier=None, images: ProductImages | None = None,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 threads: int = 2, title_column: str = "title", *, index_dir: str | Path | None = None,
+                 images_loader: Callable[[ProductIndex], ProductImages | None] | None = None) -> None:
+        self.encoder = encoder
+        self.check_index(index)
+        self.classifier = classifier
+        # A fine-tuned classifier embeds with its own encoder; a linear one with the index's.
+        self.clf_encoder = None
+        if classifier is not None:
+            self.clf_encoder = classifier.encoder or encoder
+            try:
+                classifier.check_model(self.clf_encoder.model_id)
+            except ValueError as e:
+                raise ServiceLoadError(str(e)) from None
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.limits = ImageLimits(max_pixels=int(max_pixels), max_bytes=self.max_upload_bytes)
+        self.title_column = title_column
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        self._images_loader = images_loader
+        self._served = _Served.of(index, images)
+        self._reload_lock = threading.Lock()
+        self.index_generation = 0
+        self.last_reload: str | None = None
+        # Cap concurrent decodes and forward passes: each pass already uses every core through
+        # intra-op threads, and a decoded image may take up to 3 bytes x the pixel cap.
+        self._slots = threading.BoundedSemaphore(max(1, int(threads)))
+        self._pred_lock = threading.Lock()
+        self._warm_up()
+
+    # ------------------------------------------------------------------ the index in service
+
+    @property
+    def index(self) -> ProductIndex:
+        return self._served.index
+
+    @property
+    def images(self) -> ProductImages | None:
+        return self._served.images
+
+    def check_index(self, index: ProductIndex) -> None:
+        """ServiceLoadError unless ``index`` was built by this encoder and can be searched with its vectors."""
+        if index.model_id != self.encoder.model_id:
+            raise ServiceLoadError(f"the index was built by model {index.model_id}, the encoder is "
+                                   f"{self.encoder.model_id}: rebuild the index with this model")
+        if index.dim != self.encoder.dim:
+            raise ServiceLoadError(f"the index has dimension {index.dim}, the encoder {self.encoder.dim}")
+        if len(index):  # a probe: an indexed product's own vector must come back (or an exact twin of it)
+            probe = index.ids[0]
+            hits = index.search(index.vector(probe)[None, :], 10)[0]
+            if not any(h.score > 0.99 for h in hits):
+                raise ServiceLoadError(f"the index does not find product {probe!r} from its own vector: damaged")
+
+    def reload_index(self, directory: str | Path | None = None) -> bool:
+        """Swap in the index saved in ``directory`` (default: the one served from) without stopping.
+
+        The new index is loaded (checksums verified), checked against the model and probed before
+        it replaces the old one in a single assignment; requests already running finish on the old
+        one. Returns False, logs why and keeps serving the old index when the new one is refused.
+        Reloads are serialised; one may run while requests are served.
+        """
+        with self._reload_lock:
+            source = Path(directory) if directory is not None else self.index_dir
+            if source is None:
+                raise ValueError("no index directory to reload from: the service was built from a loaded index")
+            t0 = time.perf_counter()
+            old = self._served
+            try:
+                new = self._load_checked(source)
+                images = self._images_loader(new) if self._images_loader is not None else old.images
+            except Exception as e:  # anything: the old index stays in service
+                self.last_reload = "refused"
+                logger.error("index reload from %s refused, still serving the previous index (%d products): %s",
+                             source, len(old.index), e)
+                return False
+            self._served = _Served.of(new, images)  # the swap: one atomic attribute assignment
+            self.index_generation += 1
+            self.last_reload = "ok"
+            logger.warning("index reloaded from %s in %.2fs: %d products (was %d), generation %d",
+                           source, time.perf_counter() - t0, len(new), len(old.index), self.index_generation)
+            return True
+
+    def _load_checked(self, source: Path) -> ProductIndex:
+        for attempt in range(RELOAD_ATTEMPTS):
+            try:
+                index = ProductIndex.load(source, expected_model_id=self.encoder.model_id)
+                break
+            except IndexLoadError as e:
+                # A save in progress moves the folder aside for a moment: the next try finds it.
+                if attempt + 1 == RELOAD_ATTEMPTS or "was built by model" in str(e):
+                    raise
+                time.sleep(RELOAD_RETRY_S)
+        self.check_index(index)
+        return index
+
+    def _warm_up(self) -> None:
+        """One title through each encoder before serving: the fast tokenizer sets its truncation
+        state on the first call (a mutation); afterwards concurrent calls only read it."""
+        for enc in {id(e): e for e in (self.encoder, self.clf_encoder) if e is not None}.values():
+            enc.encode_products([enc.to_product({"title": "warm up"})])
+
+    # ------------------------------------------------------------------ queries
+
+    def check_image_header(self, data: bytes) -> None:
+        """413 for images whose header claims more pixels than the cap, before any decoding."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as im:
+                    w, h = im.size
+        except Image.DecompressionBombError as e:
+            raise HTTPException(413, f"image refused: decompression bomb ({e})") from None
+        except Exception:  # not an image at all: decode_image names the problem below
+            return
+        if w * h > self.limits.max_pixels:
+            raise HTTPException(413, f"image claims {w}x{h} px, over the {self.limits.max_pixels:,}-pixel cap")
+
+    def embed(self, query: SearchQuery, encoder: ItemEncoder | None = None) -> np.ndarray:
+        """The query's L2-normalised embedding (d,); 4xx HTTPException for an unusable query."""
+        enc = encoder or self.encoder
+        record: dict[str, Any] = {"id": "query", "title": query.title}
+        if query.image is not None:
+            self.check_image_header(query.image)
+        with self._slots:  # the decoded image exists only inside a slot
+            if query.image is not None:
+                record["image"] = self._decode(query.image, enc.cfg.image_size)
+            try:
+                product = enc.to_product(record, 0, None, self.limits)
+            except ValueError as e:  # ImageError included
+                raise HTTPException(422, str(e)) from None
+            return enc.encode_products([product])[0]
+
+    def _decode(self, data: bytes, size: int) -> Image.Image:
+        try:
+            return decode_image(data, None, self.limits, draft_size=size)
+        except ImageError as e:
+            raise HTTPException(422, f"unusable image: {e}") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # a decoder tripping over hostile bytes (struct.error, IndexError, ...)
+            logger.warning("image decoder failed on an upload: %s: %s", type(e).__name__, e)
+            raise HTTPException(422, f"unusable image: the decoder failed ({type(e).__name__})") from None
+
+    def predict_query(self, query: SearchQuery, vector: np.ndarray) -> Prediction | None:
+        if self.classifier is None:
+            return None
+        if self.clf_encoder is not self.encoder:
+            vector = self.embed(query, self.clf_encoder)
+        (label, p), = self.classifier.top_k(vector[None, :], 1)[0]
+        return Prediction(label=label, probability=p)
+
+    def classify(self, query: SearchQuery, k: int) -> ClassifyOut:
+        if self.classifier is None:
+            raise HTTPException(404, "no classifier is loaded: start the service with --classifier CLF_DIR")
+        vector = self.embed(query, self.clf_encoder)
+        top = self.classifier.top_k(vector[None, :], k)[0]
+        return ClassifyOut(labels=[Prediction(label=lab, probability=p) for lab, p in top],
+                           label_column=self.classifier.label_column, model_id=self.classifier.model_id,
+                           modalities=query.modalities)
+
+    def search(self, query: SearchQuery, k: int) -> SearchOut:
+        t0 = time.perf_counter()
+        vector = self.embed(query)
+        served = self._served  # one index for the whole request, even if a reload swaps it meanwhile
+        hits = served.index.search(vector[None, :], k)[0]
+        q = QueryOut(modalities=query.modalities, predicted_category=self.predict_query(query, vector))
+        return self._answer(served, q, hits, k, t0)
+
+    def similar(self, product_id: str, k: int) -> SearchOut:
+        t0 = time.perf_counter()
+        served = self._served
+        if product_id not in served.row_of:
+            raise HTTPException(404, f"product {product_id!r} is not in the index")
+        hits = served.index.search_id(product_id, k)
+        q = QueryOut(modalities=["product"], product=self._product_at(served, product_id, served.row_of[product_id]))
+        return self._answer(served, q, hits, k, t0)
+
+    def _answer(self, served: _Served, q: QueryOut, hits, k: int, t0: float) -> SearchOut:
+        predictions = self._hit_predictions(served, [h.id for h in hits])
+        out = []
+        for h, pred in zip(hits, predictions):
+            p = self._product_at(served, h.id, h.row)
+            out.append(HitOut(**p.model_dump(), score=h.score, predicted_category=pred))
+        label_column = self.classifier.label_column if self.classifier is not None else None
+        return SearchOut(query=q, k=k, hits=out, label_column=label_column,
+                         took_ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    # ------------------------------------------------------------------ products
+
+    @staticmethod
+    def _image_url(served: _Served, product_id: str) -> str | None:
+        if served.images is None or product_id not in served.images:
+            return None
+        return f"/products/{quote(product_id, safe='')}/image"
+
+    def image_url(self, product_id: str) -> str | None:
+        return self._image_url(self._served, product_id)
+
+    def product(self, product_id: str) -> ProductOut:
+        served = self._served
+        row = served.row_of.get(product_id)
+        if row is None:
+            raise HTTPException(404, f"product {product_id!r} is not in the index")
+        return self._product_at(served, product_id, row)
+
+    def _product_at(self, served: _Served, product_id: str, row: int) -> ProductOut:
+        cells = {str(k): _jsonable(v) for k, v in served.index.metadata.iloc[row].items()}
+        title = cells.pop(self.title_column, None)
+        return ProductOut(id=product_id, title=title if isinstance(title, str) else None,
+                          image_url=self._image_url(served, product_id), metadata=cells)
+
+    def thumbnail(self, product_id: str) -> bytes:
+        served = self._served
+        if product_id not in served.row_of:
+            raise HTTPException(404, f"product {product_id!r} is not in the index")
+        if served.images is None:
+            raise HTTPException(404, "no catalog loaded: product images are not available")
+        if product_id not in served.images:
+            raise HTTPException(404, f"product {product_id!r} has no image in the catalog")
+        try:
+            with self._slots:  # decoding a catalog image takes memory like an upload does
+                return served.images.thumbnail(product_id)
+        except ImageError as e:
+            raise HTTPException(404, f"image of product {product_id!r} is not available: {e}") from None
+
+    # ------------------------------------------------------------------ classifier on results
+
+    def _hit_predictions(self, served: _Served, ids: list[str]) -> list[Prediction | None]:
+        """Top label of each listed indexed product (None without a classifier)."""
+        if self.classifier is None or not ids:
+            return [None] * len(ids)
+        if self.clf_encoder is self.encoder:
+            vectors = np.stack([served.index.vector(i) for i in ids])  # (n, d)
+            return [Prediction(label=t[0][0], probability=t[0][1]) for t in self.classifier.top_k(vectors, 1)]
+        # Fine-tuned: the products have to go through the classifier's own encoder (cached per index).
+        cache = served.predictions
+        with self._pred_lock:
+            missing = [i for i in ids if i not in cache]
+        if missing:
+            found = self._predict_products(served, missing)
+            with self._pred_lock:
+                if len(cache) > PREDICTION_CACHE:
+                    cache.clear()
+                cache.update(found)
+        with self._pred_lock:
+            return [cache.get(i) for i in ids]
+
+    def _predict_products(self, served: _Served, ids: list[str]) -> dict[str, Prediction | None]:
+        enc = self.clf_encoder
+        products, owners = [], []
+        for i in ids:
+            title = served.index.metadata.iloc[served.row_of[i]].get(self.title_column)
+            record: dict[str, Any] = {"id": i, "title": title if isinstance(title, str) else None}
+            if served.images is not None and i in served.images:
+                try:
+                    record["image"] = served.images.source(i)
+                except ImageError:
+                    pass
+            try:
+                products.append(enc.to_product(record, 0, None, self.limits))
+                owners.append(i)
+            except ValueError:
+                continue  # neither a usable image nor a title: no prediction
+        out: dict[str, Prediction | None] = {i: None for i in ids}
+        if products:
+            with self._slots:
+                vectors = enc.encode_products(products)
+            for i, top in zip(owners, self.classifier.top_k(vectors, 1)):
+                out[i] = Prediction(label=top[0][0], probability=top[0][1])
+        return out
+
+    def health(self) -> HealthOut:
+        served = self._served
+        return HealthOut(status="ok", model_id=self.encoder.model_id, precision=self.encoder.precision,
+                         index_size=len(served.index),
+                         dim=served.index.dim, index_kind=getattr(served.index, "kind", None),
+                         classifier=(self.classifier.label_column or "label") if self.classifier is not None else None,
+                         images=served.images is not None and len(served.images) > 0,
+                         max_upload_bytes=self.max_upload_bytes, max_k=MAX_K, index_generation=self.index_generation,
+                         index_loaded=served.loaded, last_reload=self.last_reload)
