@@ -436,7 +436,6 @@ def fit_finetune(data: ProductArrays | Sequence[Product], labels: Sequence[Any],
         messages.append(f"{len(absent)} classes only occur in the held-out fold and are not learnt: {_listing(absent)}")
     remap = np.full(len(names), -1, dtype=np.int64)
     remap[learnt] = np.arange(len(learnt))
-
     model = copy.deepcopy(encoder.model)
     if model.shape is not None:
         # The head learns on [CLS]; the tuned encoder's embeddings must be what the head reads.
@@ -461,11 +460,11 @@ def fit_finetune(data: ProductArrays | Sequence[Product], labels: Sequence[Any],
                "batch_size": bs, "lr": lr, "head_lr": head_lr, "weight_decay": weight_decay,
                "precision": precision, "seed": seed}
     clf = Classifier([names[c] for c in learnt], weight, bias, tuned.model_id, label_column, None, options, tuned)
-    heldout: dict[str, Any] = {"train_rows": int(len(train)), "test_rows": int(len(scored) + len(unscored)),
-                               "scored_rows": int(len(scored)), "unscored_rows": int(len(unscored)),
-                               "final_train_loss": result.last.get("loss", float("nan"))}
-    heldout.update(heldout_metrics([names[c] for c in codes[scored]], clf.predict(emb) if len(scored) else []))
-    heldout["classes_scored"] = int(len(np.unique(codes[scored])))
+    heldout = {"train_rows": int(len(train)), "test_rows": int(len(scored) + len(unscored)),
+               "scored_rows": int(len(scored)), "unscored_rows": int(len(unscored)),
+               "final_train_loss": result.last.get("loss", float("nan")),
+               **heldout_metrics([names[c] for c in codes[scored]], clf.predict(emb) if len(scored) else []),
+               "classes_scored": int(len(np.unique(codes[scored])))}
     if unscored.size:
         messages.append(f"{len(unscored)} held-out rows belong to classes with no train-fold example (not scored)")
     for m in messages:

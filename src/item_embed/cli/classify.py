@@ -86,12 +86,11 @@ def cmd_fit(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(a: argparse.Namespace) -> int:
-    from ..classify import Classifier, score_predictions
+def _classifier_and_encoder(a: argparse.Namespace):
+    """The classifier and the encoder its head reads: its own when fine-tuned, else --model (checked)."""
+    from ..classify import Classifier
     from ..encode import ItemEncoder
 
-    if a.k < 1:
-        raise ValueError(f"-k must be at least 1, not {a.k}")
     clf = Classifier.load(a.classifier, device=a.device, precision=a.precision)
     encoder = clf.encoder
     if a.model:
@@ -101,6 +100,35 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if encoder is None:
         raise ValueError(f"classifier {a.classifier} works on embeddings of model {clf.model_id}: "
                          "pass that model with --model RUN_DIR")
+    return clf, encoder
+
+
+def _prediction_table(ids: list[str], top: list[list[tuple[str, float]]], carried: pd.DataFrame, k: int) -> pa.Table:
+    """id, label_1..label_k, prob_1..prob_k (float32), then the carried columns."""
+    cols: dict = {"id": ids}
+    for i in range(k):
+        cols[f"label_{i + 1}"] = [t[i][0] for t in top]
+    for i in range(k):
+        cols[f"prob_{i + 1}"] = np.array([t[i][1] for t in top], dtype=np.float32)
+    return pa.Table.from_pandas(pd.concat([pd.DataFrame(cols), carried], axis=1), preserve_index=False)
+
+
+def _print_scores(tops, truth, clf, label_col: str) -> None:
+    from ..classify import score_predictions
+
+    s = score_predictions(tops, truth, clf.labels)
+    print(format_table({f"labels {label_col!r}": {k: v for k, v in s.items() if k != "unseen_labels"}}))
+    if s["unseen_rows"]:
+        unseen = list(s["unseen_labels"])
+        more = f" ... and {len(unseen) - 20} more" if len(unseen) > 20 else ""
+        print(f"{s['unseen_rows']} rows carry {len(unseen)} labels the classifier never saw (counted as wrong): "
+              + ", ".join(repr(x) for x in unseen[:20]) + more)
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    if a.k < 1:
+        raise ValueError(f"-k must be at least 1, not {a.k}")
+    clf, encoder = _classifier_and_encoder(a)
     k = min(a.k, len(clf.labels))
     if k < a.k:
         print(f"-k {a.k} capped at the classifier's {k} classes")
@@ -115,10 +143,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     meta = {b"item_embed.model_id": clf.model_id.encode(),
             b"item_embed.classifier": str(Path(a.classifier).resolve()).encode(),
             b"item_embed.precision": encoder.precision.encode()}
-    report = CatalogReport()
-    cfg = encoder.cfg
-    tops, truth = [], []
-    t0 = time.perf_counter()
+    report, cfg, tops, truth, t0 = CatalogReport(), encoder.cfg, [], [], time.perf_counter()
     with (tqdm(total=len(catalog), disable=a.no_progress, desc="classify", dynamic_ncols=True) as bar,
           ParquetStream(out, meta) as stream):
         for raw, chunk in catalog.iter_rows_and_products(cfg.image_size, cfg.use_description, a.strict, report,
@@ -128,28 +153,16 @@ def cmd_predict(a: argparse.Namespace) -> int:
                 continue
             top = clf.top_k(encoder.encode_batched(chunk, a.batch_size), k)
             rows = raw.loc[[p.row for p in chunk]].reset_index(drop=True)
-            cols = {"id": [p.id for p in chunk]}
-            for i in range(k):
-                cols[f"label_{i + 1}"] = [t[i][0] for t in top]
-            for i in range(k):
-                cols[f"prob_{i + 1}"] = np.array([t[i][1] for t in top], dtype=np.float32)
-            frame = pd.concat([pd.DataFrame(cols), rows[carried]], axis=1)
-            stream.write(pa.Table.from_pandas(frame, preserve_index=False))
+            stream.write(_prediction_table([p.id for p in chunk], top, rows[carried], k))
             if score:
                 tops.extend(top)
                 truth.extend(rows[label_col].tolist())
         if not stream.commit():
             raise ValueError(f"no usable products in {a.catalog}: nothing to classify")
-    n = report.used
-    print(f"classified {n} products in {time.perf_counter() - t0:.1f}s -> {out} (columns label_1..label_{k}, "
-          f"prob_1..prob_{k})")
+    print(f"classified {report.used} products in {time.perf_counter() - t0:.1f}s -> {out} (columns "
+          f"label_1..label_{k}, prob_1..prob_{k})")
     if score:
-        s = score_predictions(tops, truth, clf.labels)
-        print(format_table({f"labels {label_col!r}": {k_: v for k_, v in s.items() if k_ != "unseen_labels"}}))
-        if s["unseen_rows"]:
-            unseen = list(s["unseen_labels"])
-            print(f"{s['unseen_rows']} rows carry {len(unseen)} labels the classifier never saw (counted as wrong): "
-                  + ", ".join(repr(x) for x in unseen[:20]) + (f" ... and {len(unseen) - 20} more" if len(unseen) > 20 else ""))
+        _print_scores(tops, truth, clf, label_col)
     elif label_col is not None:
         print(f"no label column {label_col!r} in the catalog: accuracy not reported")
     finish_report(report, out.parent, out.stem + ".report.json")

@@ -12,11 +12,21 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..checkpoint import read_model_folder
+from ..config import ModelConfig
 from ..data.arrays import load_tokenizer, make_batch
 from ..data.catalog import Product
 from ..encode import ItemEncoder
-from ..model.dual import MODES, load_dual_model
+from ..model.dual import DUAL_FORMAT, MODES, DualConfig, DualModel
 from ..runtime import autocast
+
+
+def load_dual_model(run_dir: str | Path) -> tuple[DualModel, dict]:
+    """Load an exported dual encoder and its config; refuses other folders and failed checksums."""
+    config, weights = read_model_folder(run_dir, DUAL_FORMAT)
+    model = DualModel(ModelConfig.from_dict(config["model"]), DualConfig(**config["dual"]))
+    model.load_state_dict(weights)
+    return model.eval(), config
 
 
 class DualEncoder(ItemEncoder):

@@ -580,6 +580,51 @@ def _header(results: dict, primary: str | None, catalog, model, embeddings) -> s
             f"<div class='facts'>{boxes}</div>{commands}")
 
 
+def _query_modes(query_modes: Sequence[str] | None, model) -> list[str]:
+    """The example query modes asked for (default: every one with a model, else joint), checked."""
+    modes = list(query_modes or (QUERY_MODES if model else ("joint",)))
+    bad = [m for m in modes if m not in QUERY_MODES]
+    if bad:
+        raise ValueError(f"unknown query mode(s) {', '.join(bad)} (use {', '.join(QUERY_MODES)})")
+    if model is None and any(m != "joint" for m in modes):
+        raise ValueError("image or title example queries need --model (the run that wrote the embeddings)")
+    return modes
+
+
+def _colour_column(results: dict, frame: pd.DataFrame, color_by: str | None, embeddings) -> str | None:
+    """The label column that colours the map: the one asked for, else the first probed label present."""
+    probed = list(dict.fromkeys(lab for f in results.get("features", {}).values() for lab in f.get("probe", {})))
+    if color_by is None:
+        return next((lab for lab in probed if lab in frame), None)
+    if color_by not in frame:
+        raise ValueError(f"--color-by {color_by!r}: no such column in {embeddings} "
+                         f"(columns: {', '.join(map(str, frame.columns))})")
+    return color_by
+
+
+def _sections(results: dict, primary: str, embeddings_name: str, map_title: str, map_png: bytes,
+              example_html: str) -> list[tuple[str, str]]:
+    """(anchor, HTML) of each section of the page, in order."""
+    bars = plot_comparison(results, primary)
+    bars_html = (f"<div class='card'><img class='fig' alt='R@1 per query mode' src='{data_uri(bars)}'></div>"
+                 if bars is not None else "")
+    sections = [
+        ("comparison", "<h2>Baseline comparison</h2>" + comparison_section(results, primary) + bars_html),
+        ("map", "<h2>Embedding map</h2><p class='note'>PCA to 50 dimensions, then t-SNE (scikit-learn) on a seeded "
+                f"sample; the {TOP_CLASSES} most frequent classes in colour. Embeddings: "
+                f"<code>{_e(embeddings_name)}</code>.</p>"
+                f"<div class='card'><img class='fig' alt='{_e('embedding map: ' + map_title)}' "
+                f"src='{data_uri(map_png)}'></div>"),
+        ("examples", "<h2>Retrieval examples</h2>" + example_html),
+        ("retrieval", "<h2>Same-product retrieval</h2>" + retrieval_table(results, primary)),
+        ("probes", "<h2>Category prediction</h2>" + probe_table(results, primary)),
+    ]
+    extra = small_tables(results)
+    if extra:
+        sections.append(("more", "<h2>Diagnostics</h2>" + extra))
+    return sections
+
+
 def build_report(
     results: dict | str | Path,
     embeddings: str | Path,
@@ -621,18 +666,8 @@ def build_report(
         log(f"warning: catalog {catalog} not found: the report has no pictures")
         catalog = None
     primary = primary_feature(results, primary)
-    query_modes = list(query_modes or (QUERY_MODES if model else ("joint",)))
-    bad = [m for m in query_modes if m not in QUERY_MODES]
-    if bad:
-        raise ValueError(f"unknown query mode(s) {', '.join(bad)} (use {', '.join(QUERY_MODES)})")
-    if model is None and any(m != "joint" for m in query_modes):
-        raise ValueError("image or title example queries need --model (the run that wrote the embeddings)")
-    probed = list(dict.fromkeys(lab for f in results.get("features", {}).values() for lab in f.get("probe", {})))
-    if color_by is None:
-        color_by = next((lab for lab in probed if lab in frame), None)
-    elif color_by not in frame:
-        raise ValueError(f"--color-by {color_by!r}: no such column in {embeddings} "
-                         f"(columns: {', '.join(map(str, frame.columns))})")
+    query_modes = _query_modes(query_modes, model)
+    color_by = _colour_column(results, frame, color_by, embeddings)
     encoder = _load_encoder(model) if model is not None else None
     if encoder is not None and meta.get("model_id") and meta["model_id"] != encoder.model_id:
         raise ValueError(f"{embeddings} was written by model {meta['model_id']}, not by {model} "
@@ -645,23 +680,7 @@ def build_report(
     images, root = _catalog_images(catalog, frame["id"].astype(str).tolist(), id_column, image_column, image_root)
     example_html = _examples_section(frame, emb, group, query_modes, examples, top_k, seed, encoder, images, root, log)
 
-    bars = plot_comparison(results, primary)
-    bars_html = (f"<div class='card'><img class='fig' alt='R@1 per query mode' src='{data_uri(bars)}'></div>"
-                 if bars is not None else "")
-    sections = [
-        ("comparison", "<h2>Baseline comparison</h2>" + comparison_section(results, primary) + bars_html),
-        ("map", "<h2>Embedding map</h2><p class='note'>PCA to 50 dimensions, then t-SNE (scikit-learn) on a seeded "
-                f"sample; the {TOP_CLASSES} most frequent classes in colour. Embeddings: "
-                f"<code>{_e(Path(embeddings).name)}</code>.</p>"
-                f"<div class='card'><img class='fig' alt='{_e('embedding map: ' + map_title)}' "
-                f"src='{data_uri(map_png)}'></div>"),
-        ("examples", "<h2>Retrieval examples</h2>" + example_html),
-        ("retrieval", "<h2>Same-product retrieval</h2>" + retrieval_table(results, primary)),
-        ("probes", "<h2>Category prediction</h2>" + probe_table(results, primary)),
-    ]
-    extra = small_tables(results)
-    if extra:
-        sections.append(("more", "<h2>Diagnostics</h2>" + extra))
+    sections = _sections(results, primary, Path(embeddings).name, map_title, map_png, example_html)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -140,6 +140,29 @@ def _row_id(value) -> str | None:
     return text if text.strip() else None
 
 
+def _vectors_of(col, declared: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(float32 (n, dim) vectors, zero where a row's list is null or of another length; each row's
+    list length, NaN where null; dim: the declared ``item_embed.dim``, else the most common length)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(col)
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.float64)  # NaN where null
+    present = ~np.isnan(lengths)
+    if declared.isdigit():
+        dim = int(declared)
+    elif present.any():
+        dim = int(Counter(lengths[present].astype(np.int64).tolist()).most_common(1)[0][0])
+    else:
+        dim = 0
+    good_len = present & (lengths == dim) if dim else np.zeros(n, dtype=bool)
+    vectors = np.zeros((n, max(dim, 0)), dtype=np.float32)
+    if good_len.any():
+        values = pc.list_flatten(col.filter(pa.array(good_len))).to_numpy(zero_copy_only=False)  # null -> NaN
+        vectors[good_len] = np.asarray(values, dtype=np.float32).reshape(-1, dim)
+    return vectors, lengths, dim
+
+
 def read_embedding_rows(path: str | Path, strict: bool = False,
                         report: IndexReport | None = None) -> tuple[pd.DataFrame, np.ndarray, IndexReport]:
     """The usable rows of an embedding file: (columns other than the embedding, float32 (n, d), report).
@@ -149,7 +172,6 @@ def read_embedding_rows(path: str | Path, strict: bool = False,
     common length), has NaN/inf values or is all zeros. ``strict``: ValueError at the first one.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     from ..embeddings import EMBEDDING, read_embedding_metadata, read_embedding_table
 
@@ -161,22 +183,10 @@ def read_embedding_rows(path: str | Path, strict: bool = False,
     col = table.column(EMBEDDING).combine_chunks()
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
         raise ValueError(f"{path}: column {EMBEDDING!r} holds {col.type}, not lists of numbers")
+    vectors, lengths, dim = _vectors_of(col, read_embedding_metadata(path).get("dim", ""))
     n = len(col)
-    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)  # NaN where the list is null
-    present = ~np.isnan(lengths.astype(np.float64))
-    declared = read_embedding_metadata(path).get("dim", "")
-    if declared.isdigit():
-        dim = int(declared)
-    elif present.any():
-        dim = int(Counter(lengths[present].astype(np.int64).tolist()).most_common(1)[0][0])
-    else:
-        dim = 0
+    present = ~np.isnan(lengths)
     good_len = present & (lengths == dim) if dim else np.zeros(n, dtype=bool)
-    vectors = np.zeros((n, max(dim, 0)), dtype=np.float32)
-    if good_len.any():
-        chosen = col.filter(pa.array(good_len))
-        values = pc.list_flatten(chosen).to_numpy(zero_copy_only=False)  # a null element -> NaN
-        vectors[good_len] = np.asarray(values, dtype=np.float32).reshape(-1, dim)
     with np.errstate(invalid="ignore", over="ignore"):
         finite = np.isfinite(vectors).all(axis=1)
         nonzero = (vectors != 0).any(axis=1)

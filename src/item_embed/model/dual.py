@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,6 @@ from torch import nn
 from transformers import BertModel
 from transformers.models.bert.modeling_bert import BertEncoder
 
-from ..checkpoint import read_model_folder
 from ..config import ModelConfig
 from .encoder import ItemModel, bert_config
 from .stems import make_image_stem, stem_patches
@@ -184,11 +182,3 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tenso
         i2t = (logits.argmax(1) == target).float().mean()
         t2i = (logits.argmax(0) == target).float().mean()
     return {"loss": (loss_i2t + loss_t2i) / 2, "i2t_acc": i2t, "t2i_acc": t2i, "temperature": 1.0 / scale.detach()}
-
-
-def load_dual_model(run_dir: str | Path) -> tuple[DualModel, dict]:
-    """Load an exported dual encoder and its config; refuses other folders and failed checksums."""
-    config, weights = read_model_folder(run_dir, DUAL_FORMAT)
-    model = DualModel(ModelConfig.from_dict(config["model"]), DualConfig(**config["dual"]))
-    model.load_state_dict(weights)
-    return model.eval(), config

@@ -115,6 +115,14 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
 
     app.add_middleware(_BodyLimit, limit=body_limit,
                        message=f"request too large: image uploads are limited to {svc.max_upload_bytes:,} bytes")
+    _add_error_handlers(app)
+    _add_routes(app, svc)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every client error is a 4xx with ``{"detail": message}``; anything unexpected a logged, generic 500."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,25 +134,31 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal server error (logged on the server)"}, status_code=500)
 
-    async def read_query(image: UploadFile | None, title: str | None) -> SearchQuery:
-        data = None
-        if image is not None:
-            data = await image.read(svc.max_upload_bytes + 1)  # never more than the cap + 1
-            if len(data) > svc.max_upload_bytes:
-                raise HTTPException(413, f"image upload is over the {svc.max_upload_bytes:,}-byte limit")
-            if not data:
-                if image.filename:
-                    raise HTTPException(422, f"uploaded image {image.filename!r} is empty")
-                data = None  # a form's empty file field: no image chosen
-        text = " ".join(title.split()) if title else None
-        query = SearchQuery(data, text or None)
-        if query.image is None and query.title is None:
-            raise HTTPException(422, "give an image, a title, or both")
-        return query
+
+async def _read_query(svc: SearchService, image: UploadFile | None, title: str | None) -> SearchQuery:
+    """The request's image bytes (never more than the cap + 1 read) and/or its title."""
+    data = None
+    if image is not None:
+        data = await image.read(svc.max_upload_bytes + 1)
+        if len(data) > svc.max_upload_bytes:
+            raise HTTPException(413, f"image upload is over the {svc.max_upload_bytes:,}-byte limit")
+        if not data:
+            if image.filename:
+                raise HTTPException(422, f"uploaded image {image.filename!r} is empty")
+            data = None  # a form's empty file field: no image chosen
+    text = " ".join(title.split()) if title else None
+    query = SearchQuery(data, text or None)
+    if query.image is None and query.title is None:
+        raise HTTPException(422, "give an image, a title, or both")
+    return query
+
+
+def _add_routes(app: FastAPI, svc: SearchService) -> None:
+    """The endpoints: thin async wrappers that run the service's CPU-bound work in worker threads."""
 
     @app.post("/search", response_model=SearchOut, summary="Nearest products to an image and/or a title")
     async def search(image: ImageField = None, title: TitleField = None, k: KForm = 10) -> SearchOut:
-        query = await read_query(image, title)
+        query = await _read_query(svc, image, title)
         return await run_in_threadpool(svc.search, query, k)
 
     @app.get("/similar/{product_id:path}", response_model=SearchOut, summary="Nearest products to an indexed product")
@@ -153,17 +167,17 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
 
     @app.post("/embed", response_model=EmbedOut, summary="Embedding of an image and/or a title")
     async def embed(image: ImageField = None, title: TitleField = None) -> EmbedOut:
-        query = await read_query(image, title)
+        query = await _read_query(svc, image, title)
         vector = await run_in_threadpool(svc.embed, query)
-        return EmbedOut(embedding=vector.astype(float).tolist(), dim=int(vector.shape[0]), model_id=encoder.model_id,
-                        modalities=query.modalities)
+        return EmbedOut(embedding=vector.astype(float).tolist(), dim=int(vector.shape[0]),
+                        model_id=svc.encoder.model_id, modalities=query.modalities)
 
     @app.post("/classify", response_model=ClassifyOut, summary="Top-k labels of an image and/or a title",
               responses={404: {"description": "no classifier loaded"}})
     async def classify(image: ImageField = None, title: TitleField = None, k: KForm = 5) -> ClassifyOut:
         if svc.classifier is None:  # before decoding the upload: nothing to do with it
             raise HTTPException(404, "no classifier is loaded: start the service with --classifier CLF_DIR")
-        query = await read_query(image, title)
+        query = await _read_query(svc, image, title)
         return await run_in_threadpool(svc.classify, query, k)
 
     # The image route comes first: "{id:path}" would otherwise swallow "/image".
@@ -184,9 +198,6 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
-
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
 
 
 def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: str | Path | None = None,
