@@ -273,12 +273,16 @@ def test_finetune_cli(finetuned_clf, tiny_run, tiny_catalog, tmp_path, capsys):
     assert 0.0 <= h["accuracy"] <= 1.0 and h["scored_rows"] > 0 and np.isfinite(h["final_train_loss"])
     assert {"model.safetensors", "config.json", "head.safetensors"} <= set(meta["sha256"])
     _assert_safetensors_and_json_only(finetuned_clf)
+    # The shared engine logged the fine-tuning and checkpointed it beside the classifier (for --resume).
+    run = finetuned_clf.with_name(finetuned_clf.name + ".run")
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == meta["options"]["steps"] and (run / "checkpoints").is_dir()
     # Predict with its own encoder (no --model needed); probabilities survive the round trip.
     out = tmp_path / "pred.parquet"
     assert main(["classify", "predict", str(tiny_catalog), "--classifier", str(finetuned_clf),
                  "--out", str(out), "-k", "2", "--precision", "fp32", *QUIET]) == 0
     pred = pd.read_parquet(out)
-    clf = Classifier.load(finetuned_clf, device="cpu")
+    clf = Classifier.load(finetuned_clf, device="cpu", precision="fp32")
     rows = pd.read_csv(tiny_catalog).head(3).to_dict("records")
     top = clf.classify(rows, k=2, image_root=tiny_catalog.parent)
     np.testing.assert_allclose([t[0][1] for t in top], pred["prob_1"][:3], atol=1e-5)

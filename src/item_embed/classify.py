@@ -283,7 +283,7 @@ class Classifier:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | None = None, precision: str = "fp32") -> "Classifier":
+    def load(cls, folder: str | Path, device: str | None = None, precision: str = "auto") -> "Classifier":
         """Read a classifier folder, refusing files that are missing or fail their checksum."""
         folder = Path(folder)
         path = folder / META_FILE

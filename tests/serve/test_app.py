@@ -38,14 +38,14 @@ class Setup:
     def __init__(self, root: Path, catalog: Path, run: Path) -> None:
         self.root, self.catalog, self.run = root, catalog, run
         self.embeddings = root / "emb.parquet"
-        # fp32 like load_service's encoder, so the index's vectors and the service's agree to 1e-5.
+        # fp32 on both sides, so the index's vectors and the service's agree to 1e-5.
         assert main(["embed", str(catalog), "--model", str(run), "--out", str(self.embeddings), "--no-progress",
                      "--precision", "fp32"]) == 0
         self.index_dir = root / "index"
         ProductIndex.from_embedding_file(self.embeddings).save(self.index_dir)
         self.frame, self.vectors = read_embeddings(self.embeddings)
         self.table = pd.read_csv(catalog, dtype=str)
-        self.app = load_service(run, self.index_dir)
+        self.app = load_service(run, self.index_dir, precision="fp32")
         self.service = self.app.state.service
         self.encoder: ItemEncoder = self.service.encoder
         self.index: ProductIndex = self.service.index
@@ -426,7 +426,7 @@ def test_a_decoder_crash_on_hostile_bytes_is_422_not_500(world, monkeypatch):
 def test_reload_index_swaps_in_a_rebuilt_index(world, tmp_path, caplog):
     folder = tmp_path / "index"
     ProductIndex.from_embedding_file(world.embeddings).save(folder)
-    app = load_service(world.run, folder)
+    app = load_service(world.run, folder, precision="fp32")
     svc = app.state.service
     keep = world.frame.iloc[:30].reset_index(drop=True)
     gone = world.frame["id"].iloc[40]
@@ -541,7 +541,7 @@ def linear_classifier(world, tmp_path_factory):
 
 
 def test_classifier_labels_queries_and_results(world, linear_classifier):
-    app = load_service(world.run, world.index_dir, classifier_dir=linear_classifier)
+    app = load_service(world.run, world.index_dir, classifier_dir=linear_classifier, precision="fp32")
     clf = app.state.service.classifier
     with TestClient(app) as c:
         assert c.get("/health").json()["classifier"] == "category"
@@ -581,7 +581,7 @@ def test_finetuned_classifier_labels_results_with_its_own_encoder(world, tmp_pat
     clf = classify.fit_finetune(products, labels, [p.id for p in products], world.encoder, label_column="category",
                                 epochs=0.2, batch_size=16, log=lambda m: None)
     clf.save(tmp_path / "ft")
-    app = load_service(world.run, world.index_dir, classifier_dir=tmp_path / "ft")
+    app = load_service(world.run, world.index_dir, classifier_dir=tmp_path / "ft", precision="fp32")
     svc = app.state.service
     assert svc.clf_encoder is not svc.encoder and svc.clf_encoder.model_id != world.encoder.model_id
     with TestClient(app) as c:

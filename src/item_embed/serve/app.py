@@ -202,12 +202,12 @@ def _add_routes(app: FastAPI, svc: SearchService) -> None:
 
 def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: str | Path | None = None,
                  catalog: str | Path | None = None, image_root: str | Path | None = None, *,
-                 columns: Columns | None = None, device: str | None = None, precision: str = "fp32",
+                 columns: Columns | None = None, device: str | None = None, precision: str = "auto",
                  **app_options) -> FastAPI:
     """Load the model, its index (refused when built by another model), the classifier and the
     catalog images, and build the app. ``catalog`` / ``image_root`` default to the ones the
-    embeddings were made from (recorded in the index); ``precision`` is the encoder's (fp32, bf16 or
-    auto; ``item-embed serve`` passes auto); ``app_options`` go to :func:`create_app`.
+    embeddings were made from (recorded in the index); ``precision`` is the encoder's (auto, bf16 or
+    fp32); ``app_options`` go to :func:`create_app`.
     """
     from ..classify import Classifier
 

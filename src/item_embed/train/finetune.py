@@ -49,7 +49,7 @@ class FineTuning(Task):
         self.model = model
         self.head = nn.Linear(model.cfg.hidden_size, classes)
         self.scale = math.sqrt(model.cfg.hidden_size)
-        self.data, self.rows, self.labels = data, rows, torch.as_tensor(labels, dtype=torch.long)
+        self.data, self.rows, self.labels = data, rows, torch.tensor(np.asarray(labels), dtype=torch.long)
 
     def parts(self) -> dict[str, nn.Module]:
         return {"model": self.model, "head": self.head}
