@@ -34,7 +34,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 K = 10
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "search-page.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "search-page.png"
 
 
 @contextlib.contextmanager

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CatalogError, CheckpointError, IndexLoadError, ValueError, KeyError, FileNotFoundError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        if isinstance(e, FileNotFoundError) and not any(w in str(e).lower() for w in ("no such", "not found", "no ")):
+            message = f"not found: {e.filename or e}"  # pyarrow raises it with the bare path
         print(f"item-embed {args.command}: error: {message}", file=sys.stderr)
         return 2
 

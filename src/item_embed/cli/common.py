@@ -41,7 +41,7 @@ def add_catalog_args(p: argparse.ArgumentParser, what: str = "catalog file: .csv
     g.add_argument("--title-column", default="title", help="column of the title")
     g.add_argument("--image-column", default="image", help="column of the image (path or encoded bytes)")
     g.add_argument("--description-column", default="description",
-                   help="column of the description (read with --use-description)")
+                   help="column of the description (read when the model is trained with --use-description)")
 
 
 def add_precision_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

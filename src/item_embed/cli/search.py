@@ -109,7 +109,8 @@ def cmd_search(a: argparse.Namespace) -> int:
     if a.json:
         results = json.loads(table.to_json(orient="records"))  # NaN -> null, numpy -> Python types
         print(json.dumps({"query": {"image": a.image, "title": a.title, "id": a.id}, "index": str(a.index),
-                          "model_id": index.model_id, "k": a.k, "results": results}, indent=2))
+                          "model_id": index.model_id, "precision": encoder.precision if encoder else None,
+                          "k": a.k, "results": results}, indent=2))
         return 0
     titles = table["title"].fillna("") if "title" in table else pd.Series([""] * len(table))
     width = max([len(str(i)) for i in table["id"]] + [2])
@@ -205,7 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = add_command(sub, "dedup", "near-duplicate groups from the k-nearest-neighbour graph")
     d.add_argument("embeddings", help="embedding .parquet from `item-embed embed`")
     d.add_argument("--threshold", type=float, help="cosine at or above which neighbours are duplicates "
-                                                   "(default: the one --sweep suggests)")
+                                                   "(required unless --sweep, which suggests one)")
     d.add_argument("--out", required=True, help="output CSV with columns id,dup_group")
     d.add_argument("-k", "--k", type=int, default=10, help="neighbours linked per product")
     d.add_argument("--group",
