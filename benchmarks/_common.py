@@ -22,12 +22,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 HEADER = """# item-embed benchmarks: results
 
-Every number below comes from **one run of the named script on one machine**; each section
-says which command produced it, when, on what CPU, and how loaded the machine was. Ratios are
-measured side by side in the same run (same process, same threads, interleaved where possible),
-so they are more trustworthy than the absolute numbers, which move with the load other users put
-on this shared machine. Re-run with `bash benchmarks/run_all.sh` (or one script; `--quick` for
-a smoke run whose numbers are not meant to be quoted).
+The current numbers of each benchmark. What was tried to get here, and what each idea measured, is in
+[docs/ablations.md](../docs/ablations.md); the recipe itself is described in [docs/recipe.md](../docs/recipe.md).
+
+Every number comes from **one run of the named script on one machine** (command, time, CPU and load in
+each section). Ratios measured side by side in one run are more trustworthy than absolute numbers, which
+move with other users' load on this shared 2-core machine. Re-run with `bash benchmarks/run_all.sh` (or one
+script; `--quick` numbers are not meant to be quoted).
 
 """
 

@@ -1,7 +1,7 @@
 """Reproduce the baseline numbers of ../shared/docs/BENCHMARKS.md on the real catalogs.
 
-Runs the baselines (``item_embed.baselines``) through the evaluation harness
-(``item_embed.evaluate.evaluate_all``), exactly as ``item-embed evaluate CATALOG --baselines ...``
+Runs the baselines (``item_embed.evaluate.baselines``) through the evaluation harness
+(``item_embed.evaluate.harness.evaluate_all``), exactly as ``item-embed evaluate CATALOG --baselines ...``
 does, and writes ``benchmarks/quality_baselines.md``: every reference number next to the one
 reproduced (tolerance 0.01), the other protocols measured on the way (query modes, kNN,
 macro-F1), the commands and the wall time. Skips with a message when ../shared/data is absent.
@@ -74,9 +74,10 @@ class Row:
 
 def evaluate_catalog(catalog: str, log=print) -> tuple[dict, float]:
     """The harness's results document for one catalog, and its wall time in seconds."""
-    from item_embed.baselines import make_baselines
-    from item_embed.catalog import Catalog
-    from item_embed.evaluate import RawProducts, evaluate_all
+    from item_embed.data.catalog import Catalog
+    from item_embed.evaluate.baselines import make_baselines
+    from item_embed.evaluate.featurizers import RawProducts
+    from item_embed.evaluate.harness import evaluate_all
 
     group, labels, baselines, modes = SETUP[catalog]
     path = C.SHARED_DATA / f"{catalog}.parquet"
@@ -133,8 +134,8 @@ def render(sections: list[tuple[str, dict, list[Row], float]], context: str) -> 
         "",
         "Results fragment written by `benchmarks/bench_baselines.py` (not RESULTS.md). Every number of",
         "BENCHMARKS.md's baseline tables next to the one the evaluation harness reproduces on the same",
-        f"files; tolerance {TOLERANCE}. Definitions: `src/item_embed/baselines.py`; protocols:",
-        "`src/item_embed/evaluate.py`.",
+        f"files; tolerance {TOLERANCE}. Definitions: `src/item_embed/evaluate/baselines.py`; protocols:",
+        "`src/item_embed/evaluate/harness.py` and `metrics.py`.",
         "",
         context,
         "",
@@ -179,7 +180,7 @@ def main() -> int:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--json-dir", help="also write each catalog's results.json here")
     a = p.parse_args()
-    from item_embed.evaluate import results_json
+    from item_embed.evaluate.harness import results_json
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     catalogs = [c for c in a.catalogs.split(",") if c]

@@ -1,7 +1,7 @@
 """Peak memory of ``item-embed embed`` as the catalog grows (10k vs 100k products).
 
 Builds Parquet catalogs with the images inline by repeating synthetic rows
-(``item_embed.synthetic.generate_catalog``, 256-px JPEG/PNG listings of ~10 KB, close to real product
+(``item_embed.data.synthetic.generate_catalog``, 256-px JPEG/PNG listings of ~10 KB, close to real product
 photos) under new ids, trains a tiny-preset model for 1 step (``item-embed train --preset tiny
 --steps 1``), then runs ``python -m item_embed embed`` once per catalog as a subprocess and reads
 that child's peak RSS from ``os.wait4`` (its own rusage, not a cumulative maximum), through a tiny
@@ -14,7 +14,6 @@ flat peak: 100k within 20% of 10k.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from item_embed.synthetic import generate_catalog  # noqa: E402
+from item_embed.data.synthetic import generate_catalog  # noqa: E402
 
 TARGET = 1.20
 
@@ -49,6 +48,12 @@ def embed_rate(log: Path) -> float:
     """products/s as ``item-embed embed`` itself reports it (start-up and model loading excluded)."""
     m = re.search(r"embedded (\d+) products in ([\d.]+)s", log.read_text())
     return int(m.group(1)) / max(float(m.group(2)), 1e-9) if m else float("nan")
+
+
+def embed_precision(log: Path) -> str:
+    """The precision ``--precision auto`` resolved to, as ``item-embed embed`` reports it."""
+    m = re.search(r"embedded \d+ products in [\d.]+s \([^,]*, (\w+)\)", log.read_text())
+    return m.group(1) if m else "?"
 
 
 # A child's ru_maxrss also counts the memory its parent had when it was forked (Linux keeps the
@@ -108,7 +113,7 @@ def main() -> int:
         catalogs = {n: build_catalog(base, n, tmp / f"catalog-{n}.parquet") for n in sizes}
         _, quiet = C.wait_for_quiet(1.5, wait)
         load_start = C.loadavg()
-        results = {}
+        results, precision = {}, "?"
         for n in sizes:
             out = tmp / f"emb-{n}.parquet"
             argv = [python, "-m", "item_embed", "embed", str(catalogs[n]), "--model", str(tmp / "run"), "--out",
@@ -118,12 +123,13 @@ def main() -> int:
                 print((tmp / f"embed-{n}.log").read_text())
                 return 1
             results[n] = (rss, wall, embed_rate(tmp / f"embed-{n}.log"))
+            precision = embed_precision(tmp / f"embed-{n}.log")
             print(f"  {n:>7,} products: peak RSS {rss:,.0f} MiB, {wall:.1f} s, {results[n][2]:,.0f} products/s",
                   flush=True)
         # The same catalogs only opened (Catalog.open, what `embed` does first), nothing embedded.
         open_rss = {}
         for n in (small, large):
-            code = "import sys; from item_embed.catalog import Catalog; Catalog.open(sys.argv[1])"
+            code = "import sys; from item_embed.data.catalog import Catalog; Catalog.open(sys.argv[1])"
             open_rss[n], _, rc = run_child([python, "-c", code, str(catalogs[n])], tmp / f"open-{n}.log")
             if rc:
                 print((tmp / f"open-{n}.log").read_text())
@@ -170,7 +176,7 @@ def main() -> int:
     body = f"""{C.run_context(load_start, load_end, quiet, wall)}
 - Catalogs: Parquet, images inline (synthetic listings, 256 px, ~{img_kb:.1f} KiB each), rows repeated under
   new ids. Model: tiny preset trained 1 step. Each size runs `python -m item_embed embed CATALOG --model RUN
-  --out OUT --no-progress` (defaults: fp32, batch 64) as a child process; peak RSS from `os.wait4` in a tiny
+  --out OUT --no-progress` (defaults: precision auto, {precision} here; batch 64) as a child process; peak RSS from `os.wait4` in a tiny
   launcher process (a child forked straight from the benchmark would inherit its high-water mark).{quick_note}
 
 {C.markdown_table(headers, rows)}

@@ -1,6 +1,6 @@
 """Encoding throughput: item-embed products/s (JPEG decode + title + model) vs sentence-transformers on titles.
 
-item-embed runs the path ``item-embed embed`` runs: ``export.embed_catalog`` over a ``Catalog`` whose
+item-embed runs the path ``item-embed embed`` runs: ``embeddings.embed_catalog`` over a ``Catalog`` whose
 ``image`` column holds JPEG bytes (``Catalog.iter_chunks`` decodes them in its thread pool, then
 ``ItemEncoder.encode_products`` in batches of 64, then Parquet writing). The model is what `item-embed
 train` makes by default: the minilm preset (MiniLM text weights, random image side; speed does not
@@ -29,12 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from item_embed.catalog import Catalog  # noqa: E402
-from item_embed.config import RECIPE_IMAGE_STEM, model_config_for  # noqa: E402
-from item_embed.data import load_tokenizer  # noqa: E402
+from item_embed.config import IMAGE_STEMS, RECIPE_IMAGE_STEM, model_config_for  # noqa: E402
+from item_embed.data.arrays import load_tokenizer, minilm_path  # noqa: E402
+from item_embed.data.catalog import Catalog  # noqa: E402
+from item_embed.embeddings import embed_catalog, read_embeddings  # noqa: E402
 from item_embed.encode import ItemEncoder  # noqa: E402
-from item_embed.export import embed_catalog  # noqa: E402
-from item_embed.model import ItemModel, minilm_path  # noqa: E402
+from item_embed.model.encoder import ItemModel  # noqa: E402
 
 BATCH = 64
 TARGET = 0.5
@@ -45,7 +45,7 @@ def load_frame(n: int) -> tuple[pd.DataFrame, str]:
     if path.exists():
         frame = pd.read_parquet(path, columns=["id", "title", "image"]).head(n).reset_index(drop=True)
         return frame, f"{path.name}, first {len(frame)} rows (real JPEGs, 200x300 px, ~8 KB)"
-    from item_embed.synthetic import generate_catalog
+    from item_embed.data.synthetic import generate_catalog
 
     frame = generate_catalog(n_products=max(2, n // 3), image_size=256)[["id", "title", "image"]].head(n)
     return frame, f"synthetic catalog, {len(frame)} rows (256 px images)"
@@ -158,7 +158,7 @@ def main() -> int:
     # bf16 as the encoder ran it before its bfloat16 copy: autocast over the fp32 weights.
     autocast_only = ItemEncoder(model, tokenizer, device="cpu", precision="bf16")
     autocast_only.runner = model
-    other_stems = [s for s in ("conv_channelnorm", "conv4_channelnorm", "linear") if s != RECIPE_IMAGE_STEM]
+    other_stems = [s for s in IMAGE_STEMS if s != RECIPE_IMAGE_STEM]  # the other stem a model can have: linear
     variants = {**encoders, "autocast": autocast_only, "unsorted": encoders["bf16"],
                 "no_slice": ItemEncoder(variant(shape_dims=0), tokenizer, device="cpu", precision="bf16"),
                 **{s: ItemEncoder(variant(image_stem=s), tokenizer, device="cpu", precision="bf16") for s in other_stems}}
@@ -175,8 +175,6 @@ def main() -> int:
         model_s[p], _, _ = C.measure_clean(model_only, budget=budget)
     load_end = C.loadavg()
     # bf16 changes the numbers a little: how far are its embeddings from fp32's (same products, same order)?
-    from item_embed.export import read_embeddings
-
     e32, e16 = (read_embeddings(tmp / f"{p}.parquet")[1] for p in ("fp32", "bf16"))
     cos = (e32 * e16).sum(axis=1)
     agree = float(np.mean((e32 @ e32.T).argsort(axis=1)[:, -2] == (e16 @ e16.T).argsort(axis=1)[:, -2]))
@@ -233,7 +231,7 @@ def main() -> int:
     body = f"""{C.run_context(load_start, load_end, quiet, wall)}
 - Data: {source}. Batch {BATCH}. item-embed: `ItemModel.from_minilm(model_config_for("minilm", image_size=96,
   patch_size=16, image_stem="{RECIPE_IMAGE_STEM}"))` (the default recipe: conv stem, {cfg.shape_dims}-dim shape slice
-  fitted on these photos) in `ItemEncoder`, timed through `export.embed_catalog` (the `item-embed embed` path:
+  fitted on these photos) in `ItemEncoder`, timed through `embeddings.embed_catalog` (the `item-embed embed` path:
   `Catalog.iter_chunks` decodes the JPEG bytes, `encode_batched`, Parquet writing). Baseline:
   `SentenceTransformer(minilm_path()).encode(titles, batch_size=64)`. {rounds} interleaved round(s),
   median reported; model loading and a warm-up batch excluded; a run during which other processes used

@@ -4,7 +4,7 @@ Systems, all on the same random unit vectors and the same query batches:
 - ``faiss.IndexFlatIP.search`` (what ``ProductIndex`` kind "flat" wraps);
 - ``ProductIndex.search`` (kind flat): the library path, with its normalisation and ``Hit`` objects;
 - NumPy brute force: ``q @ corpus.T`` + ``argpartition`` top-10 + sort of those 10;
-- ``item_embed.index.search`` (the library's pure exact function: full stable ``argsort``), on fewer
+- ``item_embed.index.product_index.search`` (the library's pure exact function: full stable ``argsort``), on fewer
   queries at 1M because it sorts the whole row;
 - HNSW (FAISS, the library's defaults M=32, efConstruction=40, efSearch=64) at 100k, and at 1M with
   ``--hnsw-1m``: build time, queries/s, recall@10 against exact.
@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from item_embed.index import ProductIndex  # noqa: E402
-from item_embed.index import search as library_search  # noqa: E402
+from item_embed.index.product_index import ProductIndex  # noqa: E402
+from item_embed.index.product_index import search as library_search  # noqa: E402
 
 DIM, K = 384, 10
 QUERY_BATCH = 250
@@ -103,7 +103,7 @@ def bench_size(n: int, nq: int, nq_sort: int, hnsw: bool, seed: int = 0) -> tupl
     numpy_topk(queries[:QUERY_BATCH], corpus, K)  # warm-up
     t_np, np_ids = timed(lambda q: numpy_topk(q, corpus, K)[1], queries, QUERY_BATCH, f"{n:,} numpy")
     agree = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(faiss_ids, np_ids)]))
-    del flat
+    flat = None  # free the index before the next one (the lambdas above are done with it)
     gc.collect()
 
     # Library path: ProductIndex (flat) and the pure exact function.
@@ -113,7 +113,7 @@ def bench_size(n: int, nq: int, nq_sort: int, hnsw: bool, seed: int = 0) -> tupl
     pindex.search(queries[:QUERY_BATCH], K)
     t_pi, _ = timed(lambda q: np.array([[int(h.id) for h in hits] for hits in pindex.search(q, K)]),
                     queries, QUERY_BATCH, f"{n:,} ProductIndex")
-    del pindex
+    pindex = None
     gc.collect()
     sort_q = queries[:nq_sort]
     library_search(sort_q[:10], corpus, K)
@@ -129,7 +129,7 @@ def bench_size(n: int, nq: int, nq_sort: int, hnsw: bool, seed: int = 0) -> tupl
                  f"{t_faiss / t_pi:.2f}", "exact"])
     rows.append([f"{n:,}", "NumPy matmul + argpartition", nq, f"{qps(t_np, nq):,.0f}", f"{t_faiss / t_np:.2f}",
                  f"{agree:.3f} (agreement with FAISS)"])
-    rows.append([f"{n:,}", "item_embed.index.search (full argsort)", nq_sort, f"{qps(t_sort, nq_sort):,.0f}",
+    rows.append([f"{n:,}", "item_embed.index.product_index.search (full argsort)", nq_sort, f"{qps(t_sort, nq_sort):,.0f}",
                  f"{(t_faiss / nq) / (t_sort / nq_sort):.2f}", "exact"])
     info.update(faiss_blas_qps=qps(t_faiss_blas, nq), faiss_all_qps=qps(t_faiss_all, nq), faiss_qps=qps(t_faiss, nq), numpy_qps=qps(t_np, nq), pi_qps=qps(t_pi, nq),
                 sort_qps=qps(t_sort, nq_sort), build_pi=build_pi)
@@ -152,7 +152,7 @@ def bench_size(n: int, nq: int, nq_sort: int, hnsw: bool, seed: int = 0) -> tupl
             if ef == 64:
                 info.update(hnsw_qps=qps(t_h, nq), hnsw_recall=rec, hnsw_build=build)
         del index
-    del corpus
+    corpus = None
     gc.collect()
     return rows, info
 

@@ -1,7 +1,8 @@
 """Training throughput and model FLOP utilisation of item-embed's step, against a ViLT-style reference.
 
-item-embed: ``mask_batch`` -> ONE masked forward pass -> all five objectives -> backward -> clip ->
-AdamW (the loop body of ``item_embed.train.train``, without its checkpoint/log I/O).
+item-embed: the ``Pretraining`` task of ``item_embed.train.pretrain`` (``mask_batch`` -> ONE masked
+forward pass -> all five objectives, ``ItemObjectives``) -> backward -> clip -> AdamW: the step of the
+training engine (``item_embed.train.engine.Engine``), without its checkpoint/log I/O.
 
 Reference (written here, the straightforward way): transformers' ``BertModel`` fed ``inputs_embeds``
 (word embeddings ++ a linear patch projection), one forward pass per objective as ViLT's
@@ -34,7 +35,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -44,20 +44,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from item_embed.catalog import Catalog  # noqa: E402
 from item_embed.config import ObjectiveConfig, TrainConfig  # noqa: E402
-from item_embed.data import Batch, ProductArrays, load_tokenizer  # noqa: E402
-from item_embed.model import minilm_model_config  # noqa: E402
-from item_embed.objectives import (  # noqa: E402
+from item_embed.data.arrays import ProductArrays, load_tokenizer  # noqa: E402
+from item_embed.data.catalog import Catalog  # noqa: E402
+from item_embed.model.encoder import build_model, minilm_model_config  # noqa: E402
+from item_embed.model.objectives import (  # noqa: E402
     IGNORE, ItemObjectives, ITMHead, PatchHead, WordHead, mask_batch, patch_targets, special_token_ids,
 )
-from item_embed.train import _param_groups, _step_seed, batch_indices, build_model, lr_at  # noqa: E402
+from item_embed.train.engine import batch_indices, lr_at, param_groups, step_seed  # noqa: E402
+from item_embed.train.pretrain import Pretraining  # noqa: E402
 from transformers import BertConfig, BertModel  # noqa: E402
 
 BATCH = 32  # default; --batch
 IMAGE, PATCH, MAX_TEXT = 96, 16, 40
 TARGET_RATIO = 2.5
 TARGET_MFU = 0.50
+# item-embed runs the paper's linear patch projection (ModelConfig's default, no shape slice), as the reference does.
+STEM_NOTE = "linear patch projection, as the reference; not the recipe's conv stem"
 
 
 # --------------------------------------------------------------------------- data
@@ -70,7 +73,7 @@ def load_products(n: int):
         source = f"{path.name} (first {n} rows, title + description cut to {MAX_TEXT} tokens)"
         use_desc = True
     else:
-        from item_embed.synthetic import generate_catalog
+        from item_embed.data.synthetic import generate_catalog
 
         frame = generate_catalog(n_products=max(2, n // 3), image_size=IMAGE).head(n)
         source = f"synthetic catalog ({len(frame)} rows, titles; {path} not found)"
@@ -157,12 +160,17 @@ class ViltStyleReference(nn.Module):
 
 # --------------------------------------------------------------------------- steps
 
+# Both systems' optimiser: the engine's AdamW groups with every parameter at the base lr (the lr does
+# not change a step's cost; the engine's 10x groups for ITEm's from-scratch parts would only split them).
+NEW_LR_SCALE = 1.0
+
+
 class Runner:
     """One trainable system (item-embed or the reference) and its optimiser; ``step(i)`` runs step i."""
 
-    def __init__(self, name, data, tokenizer, mc, tcfg, reference: bool, sdpa_math: bool = False,
+    def __init__(self, name, data, tokenizer, mc, tcfg, ocfg, reference: bool, sdpa_math: bool = False,
                  device: str = "cpu") -> None:
-        self.name, self.data, self.mc, self.tcfg, self.reference = name, data, mc, tcfg, reference
+        self.name, self.data, self.mc, self.tcfg, self.ocfg, self.reference = name, data, mc, tcfg, ocfg, reference
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.sdpa_math = sdpa_math  # what-if: force SDPA's math backend (QK^T, softmax, AV as plain ops)
@@ -173,24 +181,32 @@ class Runner:
             item = build_model(mc, tcfg.seed)  # same MiniLM starting weights for the encoder
             self.model.bert.load_state_dict(item.bert.state_dict())
             del item
-            modules = [self.model]
+            trained = self.model
         else:
-            self.model = build_model(mc, tcfg.seed)
-            self.objectives = ItemObjectives(self.model, tcfg.objectives)
-            modules = [self.model, self.objectives]
-        for m in modules:
-            m.to(self.device)
-            m.train()
-        self.opt = torch.optim.AdamW(_param_groups(modules, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.98))
+            # What `item-embed train` trains: encoder + objective heads as the engine's Task.
+            model = build_model(mc, tcfg.seed)
+            self.task = Pretraining(model, ItemObjectives(model, ocfg), data, tokenizer)
+            self.model, self.objectives = self.task.model, self.task.objectives
+            trained = self.task
+        trained.to(self.device)
+        trained.train()
+        # param_groups reads only named_parameters() at scale 1, so the reference module takes it too.
+        self.opt = torch.optim.AdamW(param_groups(trained, tcfg.weight_decay, NEW_LR_SCALE), lr=tcfg.lr,
+                                     betas=(0.9, 0.98))
         self.params = [p for grp in self.opt.param_groups for p in grp["params"]]
 
     def masked(self, step):
+        """Step ``step``'s batch and its swapped/masked copy, with the engine's seeds: the same for both
+        systems (item-embed's through ``Pretraining.batch``, exactly what the engine calls)."""
         cfg = self.tcfg
-        torch.manual_seed(_step_seed(cfg.seed, step, 2))
-        g = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 3))
-        batch = self.data.batch(batch_indices(len(self.data), cfg.batch_size, cfg.seed, step))
-        mb = mask_batch(batch, cfg.objectives, self.mc.num_patches, self.specials, self.mask_id,
-                        self.mc.vocab_size, g)
+        torch.manual_seed(step_seed(cfg.seed, step, 2))  # dropout
+        g = torch.Generator().manual_seed(step_seed(cfg.seed, step, 3))
+        rows = batch_indices(len(self.data), cfg.batch_size, cfg.seed, step)
+        if not self.reference:
+            mb = self.task.batch(rows, g)
+            return None, mb
+        batch = self.data.batch(rows)
+        mb = mask_batch(batch, self.ocfg, self.mc.num_patches, self.specials, self.mask_id, self.mc.vocab_size, g)
         return batch, mb
 
     def on_device(self, batch, mb):
@@ -198,8 +214,7 @@ class Runner:
         if not self.cuda:
             return batch, mb
         if self.reference:
-            batch = Batch(**{k: None if v is None else v.to(self.device, non_blocking=True)
-                             for k, v in vars(batch).items()})
+            batch = batch.to(self.device)
         return batch, mb.to(self.device)
 
     def autocast(self, precision: str):
@@ -214,8 +229,7 @@ class Runner:
     def forward(self, batch, mb):
         if self.reference:
             return self.model.losses(batch, mb)
-        out = self.model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask)
-        return self.objectives(self.model, out, mb)
+        return self.task(mb)
 
     def step(self, step: int, precision: str, parts: dict | None = None) -> float:
         """Run one full optimiser step; returns its wall time (s). ``parts`` collects a breakdown."""
@@ -397,7 +411,7 @@ def analytic_flops(mc, batch, mb, reference: bool) -> dict[str, float]:
     S^2 * H forward per layer, x3 with backward). Heads count their own matmuls on the rows they see.
     """
     h, L, inter, v = mc.hidden_size, mc.num_layers, mc.intermediate_size, mc.vocab_size
-    b, t = batch.input_ids.shape
+    b, t = mb.input_ids.shape
     n = mc.num_patches
     s = t + n
     enc_params = L * (4 * h * h + 2 * h * inter)
@@ -491,12 +505,13 @@ def main() -> int:
 
     wall0 = time.perf_counter()
     tokenizer = load_tokenizer()
-    mc = minilm_model_config(image_size=IMAGE, patch_size=PATCH, max_text_len=MAX_TEXT)
+    mc = minilm_model_config(image_size=IMAGE, patch_size=PATCH, max_text_len=MAX_TEXT, image_stem="linear")
     products, source = load_products(8 * batch_size)
     data = ProductArrays.build(products, tokenizer, mc.max_text_len, mc.image_size)
-    tcfg = TrainConfig(batch_size=batch_size, objectives=ObjectiveConfig())
-    item = Runner("item-embed", data, tokenizer, mc, tcfg, reference=False, device=a.device)
-    ref = Runner("reference", data, tokenizer, mc, tcfg, reference=True, device=a.device)
+    tcfg = TrainConfig(batch_size=batch_size)
+    ocfg = ObjectiveConfig()  # the recipe's five objectives (their weights do not change a step's cost)
+    item = Runner("item-embed", data, tokenizer, mc, tcfg, ocfg, reference=False, device=a.device)
+    ref = Runner("reference", data, tokenizer, mc, tcfg, ocfg, reference=True, device=a.device)
     where = f"; device {torch.cuda.get_device_name(dev)}, torch {torch.__version__}" if cuda else ""
     print(f"data: {source}; batch {batch_size}, image {IMAGE}/{PATCH} = {mc.num_patches} patches, "
           f"max text {MAX_TEXT}; {steps} timed steps after {warmup} warm-up, interleaved{where}", flush=True)
@@ -551,10 +566,11 @@ def main() -> int:
     # attention probabilities: Bernoulli draws on CPU are slow, and attention dropout keeps SDPA on its
     # math path), and dropout 0 with SDPA forced to the math path (its fused CPU kernel's backward is slow
     # in bf16).
-    nodrop_cfg = minilm_model_config(image_size=IMAGE, patch_size=PATCH, max_text_len=MAX_TEXT, dropout=0.0)
+    nodrop_cfg = minilm_model_config(image_size=IMAGE, patch_size=PATCH, max_text_len=MAX_TEXT, image_stem="linear",
+                                     dropout=0.0)
     variants = {
-        "dropout 0": Runner("dropout 0", data, tokenizer, nodrop_cfg, tcfg, reference=False, device=a.device),
-        "dropout 0 + SDPA math": Runner("dropout 0 + SDPA math", data, tokenizer, nodrop_cfg, tcfg,
+        "dropout 0": Runner("dropout 0", data, tokenizer, nodrop_cfg, tcfg, ocfg, reference=False, device=a.device),
+        "dropout 0 + SDPA math": Runner("dropout 0 + SDPA math", data, tokenizer, nodrop_cfg, tcfg, ocfg,
                                         reference=False, sdpa_math=True, device=a.device),
     }
     whatif: dict[str, dict[str, float]] = {}
@@ -583,7 +599,7 @@ def main() -> int:
     with item.autocast("bf16"):
         item.forward(batch, mb)["loss"].backward()
     for fused in (False, True):
-        opt = torch.optim.AdamW(_param_groups([item.model, item.objectives], 0.01), lr=1e-6, fused=fused)
+        opt = torch.optim.AdamW(param_groups(item.task, 0.01, NEW_LR_SCALE), lr=1e-6, fused=fused)
         opt.step()
         best = float("inf")
         for _ in range(20 if cuda else 5):
@@ -710,7 +726,7 @@ def main() -> int:
         for prec, (ratio, mfu) in summary.items())
     quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     body = f"""{ctx}
-- Setup: preset minilm (6 layers, H 384, 12 heads), image {IMAGE} / patch {PATCH} = {mc.num_patches} patches,
+- Setup: preset minilm (6 layers, H 384, 12 heads), image {IMAGE} / patch {PATCH} = {mc.num_patches} patches ({STEM_NOTE}),
   max text {MAX_TEXT} tokens, batch {batch_size}, all five objectives, AdamW + grad clip; data {source}.
   {warmup} warm-up + {steps} timed steps per system and precision, interleaved step by step. samples/s =
   batch / median step time. A step during which other processes used more than {CLEAN_CORES} cores
@@ -791,10 +807,10 @@ op that launched it; the profiler adds its own overhead):
 Top ops: """ + "; ".join(f"{prec}: " + ", ".join(prof[prec][2]) for prec in precisions) + "."
     quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     return f"""{ctx}
-- Setup: preset minilm (6 layers, H 384, 12 heads), image {IMAGE} / patch {PATCH} = {mc.num_patches} patches,
+- Setup: preset minilm (6 layers, H 384, 12 heads), image {IMAGE} / patch {PATCH} = {mc.num_patches} patches ({STEM_NOTE}),
   max text {MAX_TEXT} tokens, batch {batch_size} ({like}), all five objectives, AdamW + grad clip;
   data {v["source"]}{synthetic}. Models, optimiser state and batches on the GPU
-  (masking on the host as in `item_embed.train`, then copied over: inside the timed step);
+  (masking on the host as in the training engine, then copied over: inside the timed step);
   {", ".join(precisions)} autocast on CUDA. {v["warmup"]} warm-up + {v["steps"]} timed steps per system and precision,
   interleaved step by step, `torch.cuda.synchronize()` before every timer read. samples/s = batch / median
   step time. Reference as in the CPU section (transformers `BertModel(inputs_embeds=...)`, one pass per

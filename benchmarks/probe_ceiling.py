@@ -29,12 +29,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from item_embed.catalog import Catalog
 from item_embed.config import TrainConfig
-from item_embed.evaluate import RawProducts, split_keys, split_test_mask
-from item_embed.images import pad_resize
-from item_embed.model import minilm_path
-from item_embed.train import lr_at
+from item_embed.data.arrays import minilm_path
+from item_embed.data.catalog import Catalog
+from item_embed.data.images import pad_resize
+from item_embed.evaluate.featurizers import RawProducts
+from item_embed.evaluate.harness import split_keys
+from item_embed.evaluate.metrics import split_test_mask
+from item_embed.train.engine import lr_at
 
 
 class SmallCNN(nn.Module):

@@ -25,8 +25,8 @@ from item_embed.evaluate.baselines import (
 from item_embed.evaluate.featurizers import MODES, RawProducts
 from item_embed.evaluate.harness import evaluate_featurizer
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@
   cosine of two such vectors is ``1 - 2 * hamming / 64``, so cosine ranking is Hamming ranking.
 - ``fusion``: ``[minilm(text), 0.5 * pixels16 / ||pixels16||]``, L2-normalised.
 - ``hog`` (ours, not in BENCHMARKS.md, off by default): histograms of oriented gradients of the photo's
-  luminance at 96 px, exactly the target ``--mim-target hog`` asks ITEm to rebuild
-  (``images.patch_hog``: 16-px blocks of 2x2 cells, 9 orientations), mean-centred over the catalog.
+  luminance at 96 px (``data.images.patch_hog``: 16-px blocks of 2x2 cells, 9 orientations, the
+  descriptor of ITEm's shape slice), mean-centred over the catalog.
   A colour-free image baseline: colour variants share shapes, not colours.
 - ``fusion_hog`` (ours, off by default): ``fusion`` with ``hog`` in place of pixels16. Not a reference
-  number: one embedding with a title part and a colour-free shape part (``benchmarks/fusion_sweep.py``
-  sweeps the weight).
+  number: one embedding with a title part and a colour-free shape part.
 
 Text is ``title. description`` when the catalog has a description column, else the title.
 A baseline sees a missing modality as a blank input: text baselines embed "" for image-only
