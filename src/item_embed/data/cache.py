@@ -25,7 +25,7 @@ def write_cache(chunks, out: str | Path, tokenizer: PreTrainedTokenizerBase, ima
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
-    tokens, lengths, has_image, has_text = [], [], [], []
+    tokens, lengths, has_image, has_text, title_tokens, title_lengths = [], [], [], [], [], []
     with open(out / "images.u8", "wb") as f:
         for chunk in chunks:
             if not chunk:
@@ -36,6 +36,8 @@ def write_cache(chunks, out: str | Path, tokenizer: PreTrainedTokenizerBase, ima
             lengths.append(arrays.lengths)
             has_image.append(arrays.has_image)
             has_text.append(arrays.has_text)
+            title_tokens.append(arrays.title_tokens)
+            title_lengths.append(arrays.title_lengths)
             ids.extend(arrays.ids)
     n = len(ids)
     if n == 0:
@@ -44,6 +46,8 @@ def write_cache(chunks, out: str | Path, tokenizer: PreTrainedTokenizerBase, ima
     np.save(out / "lengths.npy", np.concatenate(lengths))
     np.save(out / "has_image.npy", np.concatenate(has_image))
     np.save(out / "has_text.npy", np.concatenate(has_text))
+    np.save(out / "title_tokens.npy", np.concatenate(title_tokens))
+    np.save(out / "title_lengths.npy", np.concatenate(title_lengths))
     pq.write_table(pa.table({"id": ids}), out / "ids.parquet")
     meta = {"format": CACHE_FORMAT, "count": n, "image_size": image_size, "max_text_len": max_text_len,
             **(extra or {})}
@@ -68,6 +72,8 @@ def load_cache(path: str | Path) -> tuple[ProductArrays, dict]:
         raise ValueError(f"{path}/images.u8 has {actual} bytes, expected {expected}: incomplete or corrupted cache")
     images = np.memmap(path / "images.u8", dtype=np.uint8, mode="r", shape=(n, s, s, 3))
     ids = pq.read_table(path / "ids.parquet").column("id").to_pylist()
+    # Caches written before title-only views hold no separate titles: their titles are the texts.
+    titles = [np.load(path / f) if (path / f).is_file() else None for f in ("title_tokens.npy", "title_lengths.npy")]
     arrays = ProductArrays(np.load(path / "tokens.npy"), np.load(path / "lengths.npy"), images,
-                           np.load(path / "has_image.npy"), np.load(path / "has_text.npy"), ids)
+                           np.load(path / "has_image.npy"), np.load(path / "has_text.npy"), ids, *titles)
     return arrays, meta

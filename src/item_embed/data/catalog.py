@@ -43,6 +43,7 @@ class Product:
     id: str
     text: str | None  # title (+ description), None when the product has no usable title
     image: np.ndarray | None  # uint8 (S, S, 3), None when the product has no image
+    title: str | None = None  # the title alone, where ``text`` also holds a description
 
 
 @dataclass
@@ -435,4 +436,4 @@ class Catalog:
                 return Problem(row, pid, f"bad image: {e}")
         if image is None and text is None:
             return Problem(row, pid, "no usable image and no title")
-        return Product(row, pid, text, image)
+        return Product(row, pid, text, image, title if desc and title else None)
