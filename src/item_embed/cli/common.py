@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..config import PRECISIONS, PRESETS, model_config_for
 from ..data.catalog import Catalog, CatalogReport, Columns
+from ..data.remote import FetchOptions
 from ..runtime import is_main_process
 
 
@@ -30,18 +31,28 @@ def add_command(sub: argparse._SubParsersAction, name: str, help: str, **kwargs)
                           formatter_class=HelpFormatter, **kwargs)
 
 
-def add_catalog_args(p: argparse.ArgumentParser, what: str = "catalog file: .csv, .tsv, .jsonl or .parquet, "
-                                                              "one product per row") -> None:
+CATALOG_HELP = ("catalog: a .csv, .tsv, .jsonl or .parquet file (a path, or a URI: s3://, gs://, https://, file://), "
+                "or WebDataset .tar shards (brace patterns: 'shard-{000000..000099}.tar'); one product per row")
+
+
+def add_catalog_args(p: argparse.ArgumentParser, what: str = CATALOG_HELP) -> None:
     p.add_argument("catalog", help=what)
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("catalog columns")
-    g.add_argument("--image-root", help="folder that relative image paths start from (default: the catalog's folder)")
+    g.add_argument("--image-root", help="folder or URI that relative image paths start from (default: the catalog's "
+                                        "folder)")
     g.add_argument("--id-column", default="id", help="column of the unique product id")
     g.add_argument("--title-column", default="title", help="column of the title")
     g.add_argument("--image-column", default="image", help="column of the image (path or encoded bytes)")
     g.add_argument("--description-column", default="description",
                    help="column of the description (read when the model is trained with --use-description)")
+    r = p.add_argument_group("remote images (http(s)://, s3://, gs:// in the image column or under a remote root; "
+                             "credentials come from the environment and the standard config files)")
+    r.add_argument("--fetch-workers", type=int, default=FetchOptions.workers, help="images fetched at once")
+    r.add_argument("--fetch-timeout", type=float, default=FetchOptions.timeout, help="seconds for one try of one image")
+    r.add_argument("--fetch-retries", type=int, default=FetchOptions.retries,
+                   help="further tries after a timeout, a dropped connection or HTTP 408/429/5xx (with backoff)")
 
 
 def add_precision_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -57,7 +68,10 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 def open_catalog(a: argparse.Namespace) -> Catalog:
     cols = Columns(id=a.id_column, title=a.title_column, image=a.image_column, description=a.description_column)
-    return Catalog.open(a.catalog, cols, a.image_root)
+    if a.fetch_workers < 1 or a.fetch_retries < 0 or a.fetch_timeout <= 0:
+        raise ValueError("--fetch-workers must be >= 1, --fetch-retries >= 0 and --fetch-timeout > 0")
+    fetch = FetchOptions(workers=a.fetch_workers, timeout=a.fetch_timeout, retries=a.fetch_retries)
+    return Catalog.open(a.catalog, cols, a.image_root, fetch=fetch)
 
 
 def finish_report(report: CatalogReport, out_dir: Path, name: str) -> None:

@@ -107,8 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, help="run folder of the model that built the index")
     s.add_argument("--index", required=True, help="index folder from `item-embed index` (refused if built by another model)")
     s.add_argument("--classifier", help="classifier folder from `item-embed classify fit`: predicted labels on results")
-    s.add_argument("--catalog", help="catalog to show product images from (default: the one the embeddings came from)")
-    s.add_argument("--image-root", help="folder that the catalog's relative image paths start from "
+    s.add_argument("--catalog", help="catalog to show product images from: a file, a URI (s3://, gs://, https://) or "
+                                     ".tar shards (default: the one the embeddings came from)")
+    s.add_argument("--image-root", help="folder or URI that the catalog's relative image paths start from "
                                         "(default: the one recorded in the index, or the catalog's folder)")
     s.add_argument("--id-column", default="id", help="column of the product id in the catalog")
     s.add_argument("--title-column", default="title", help="column of the title in the catalog")

@@ -1,4 +1,5 @@
-"""Catalog input: CSV, JSONL or Parquet, one row per product, validated row by row.
+"""Catalog input: CSV, JSONL or Parquet (a local file or a URI), or WebDataset shards, one row per
+product, validated row by row.
 
 Every row read is either used or reported with its reason: rows in = rows used + rows reported.
 By default bad rows are skipped and listed in a report; ``strict=True`` makes the first fatal.
@@ -9,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -18,11 +19,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from .images import ImageError, ImageLimits, load_image_array
+from . import remote
+from .images import ImageError, ImageLimits, load_image_array, resolve_location
+from .remote import FetchError, FetchOptions, fetch_bytes
+from .shards import PROBLEM, ShardTable, is_shard_spec
+from .tables import CatalogError, FileTable, read_table
 
+__all__ = ["Catalog", "CatalogError", "CatalogReport", "Columns", "Problem", "Product", "read_table"]
 
-class CatalogError(ValueError):
-    """A catalog that cannot be read at all, or a bad row under ``strict``."""
+# Chunks decoded (and fetched) ahead of the one being consumed, so that the model's work on one
+# chunk overlaps the reading of the next ones; memory stays bounded by these few chunks.
+READAHEAD = 2
 
 
 @dataclass
@@ -51,6 +58,8 @@ class Problem:
     row: int
     id: str | None
     reason: str
+    uri: str | None = None  # a remote image that could not be fetched (redacted)
+    status: int | str | None = None  # its HTTP status, or the error's kind
 
     def __str__(self) -> str:
         who = f"id {self.id!r}" if self.id is not None else "no id"
@@ -88,7 +97,7 @@ class CatalogReport:
             "text_only": self.text_only,
             "image_only": self.image_only,
             "reported_by_reason": dict(reasons.most_common()),
-            "problems": [{"row": p.row, "id": p.id, "reason": p.reason} for p in self.problems],
+            "problems": [_problem_dict(p) for p in self.problems],
         }
 
     def summary(self, max_lines: int = 10) -> str:
@@ -109,80 +118,16 @@ class CatalogReport:
         return path
 
 
+def _problem_dict(p: Problem) -> dict[str, Any]:
+    entry = {"row": p.row, "id": p.id, "reason": p.reason}
+    if p.uri is not None:
+        entry.update(uri=p.uri, status=p.status)
+    return entry
+
+
 def _reason_kind(reason: str) -> str:
     """Group reasons for the summary counts: the text before the first colon."""
     return reason.split(":", 1)[0]
-
-
-_PARQUET = (".parquet", ".pq")
-_DELIMITED = (".csv", ".tsv")
-_JSON = (".jsonl", ".ndjson", ".json")
-
-
-def _csv_options(path: Path) -> dict[str, Any]:
-    # Strings as-is ("NA" is a title, not a missing value); bytes that are not UTF-8 survive as
-    # surrogates so that the row can be reported instead of the file failing (object dtype:
-    # pandas' Arrow-backed strings refuse surrogates).
-    return dict(sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=object, keep_default_na=False,
-                na_values=[""], encoding="utf-8", encoding_errors="surrogateescape")
-
-
-def _check_format(path: Path) -> str:
-    if not path.is_file():
-        raise CatalogError(f"catalog file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in _PARQUET + _DELIMITED + _JSON:
-        raise CatalogError(f"unsupported catalog format {suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
-    return suffix
-
-
-def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a catalog file into a DataFrame (CSV/TSV, JSONL, Parquet by suffix); ``columns``: only those."""
-    path = Path(path)
-    suffix = _check_format(path)
-    try:
-        if suffix in _PARQUET:
-            return pd.read_parquet(path, columns=columns)
-        if suffix in _DELIMITED:
-            return pd.read_csv(path, usecols=columns, **_csv_options(path))
-        frame = pd.read_json(path, lines=suffix != ".json", dtype=False)
-        return frame[columns] if columns is not None else frame
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise CatalogError(f"cannot read catalog {path}: {e}") from None
-
-
-def _read_column_names(path: Path) -> list[str] | None:
-    """Column names without reading the rows (Parquet schema, CSV header); None for JSON."""
-    suffix = _check_format(path)
-    try:
-        if suffix in _PARQUET:
-            import pyarrow.parquet as pq
-
-            return list(pq.read_schema(path).names)
-        if suffix in _DELIMITED:
-            return [str(c) for c in pd.read_csv(path, nrows=0, **_csv_options(path)).columns]
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise CatalogError(f"cannot read catalog {path}: {e}") from None
-    return None
-
-
-def _iter_file(path: Path, chunk_size: int, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
-    """The rows of a Parquet or CSV/TSV file, ``chunk_size`` at a time, never the whole file at once."""
-    try:
-        if path.suffix.lower() in _PARQUET:
-            import pyarrow.parquet as pq
-
-            # Buffered page reads without pre-buffering: pyarrow otherwise caches every column chunk
-            # it has read until the file is closed (measured: a 400 MB file held ~380 MB whether it
-            # had one row group or eight; with these options the peak stays flat).
-            with pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False) as pf:
-                for batch in pf.iter_batches(batch_size=chunk_size, columns=columns):
-                    yield batch.to_pandas()
-        else:
-            with pd.read_csv(path, chunksize=chunk_size, usecols=columns, **_csv_options(path)) as reader:
-                yield from reader
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise CatalogError(f"cannot read catalog {path}: {e}") from None
 
 
 def _is_missing(value: Any) -> bool:
@@ -211,8 +156,19 @@ def _clean_text(value: Any, what: str) -> str | None:
     return text or None
 
 
+def _image_root(root: str | Path | None) -> Path | str:
+    """A local root as a Path, a remote one as its URI (pathlib would fold "s3://b" into "s3:/b")."""
+    if root is None:
+        return Path.cwd()
+    root = remote.unmangle(root)
+    if remote.is_remote(root):
+        return str(root)
+    return Path(remote.local_path(str(root)))
+
+
 class Catalog:
-    """A product catalog file with its column mapping; iterate it as validated products."""
+    """A product catalog (a table in memory, a file or URI, or WebDataset shards) with its column
+    mapping; iterate it as validated products."""
 
     def __init__(
         self,
@@ -223,21 +179,26 @@ class Catalog:
         *,
         path: str | Path | None = None,
         read_columns: list[str] | None = None,
+        table: FileTable | ShardTable | None = None,
+        fetch: FetchOptions | None = None,
     ) -> None:
-        """A catalog over ``frame``, or (``frame=None``) over the file ``path``, read only when needed.
+        """A catalog over ``frame``, or (``frame=None``) over ``table`` (or the file ``path``), read only
+        when needed.
 
-        Over a Parquet or CSV/TSV file, :meth:`iter_chunks` streams the rows chunk by chunk, so
+        Over Parquet, CSV/TSV or shards, :meth:`iter_chunks` streams the rows chunk by chunk, so
         ``embed`` and ``prepare`` never hold the catalog; ``.frame`` reads it whole on first use.
+        ``fetch``: how remote images are fetched (bounded pool, timeouts, retries).
         """
         self.columns = columns or Columns()
         self._frame = frame.reset_index(drop=True) if frame is not None else None
-        self._path = Path(path) if path is not None else None
+        self._table = table if table is not None else (FileTable(path) if path is not None else None)
         self._read_columns = read_columns
-        if self._frame is None and self._path is None:
+        if self._frame is None and self._table is None:
             raise ValueError("Catalog needs a frame or a path")
         self._len: int | None = None
-        self.image_root = Path(image_root) if image_root is not None else Path.cwd()
+        self.image_root = _image_root(image_root)
         self.source = source
+        self.fetch = fetch or FetchOptions()
         names = self.column_names
         cols = set(names)
         if self.columns.id not in cols:
@@ -253,50 +214,58 @@ class Catalog:
 
     @classmethod
     def open(cls, path: str | Path, columns: Columns | None = None, image_root: str | Path | None = None,
-             read_columns: Sequence[str] | None = None) -> "Catalog":
-        """Open ``path``; relative image paths resolve against ``image_root`` or the file's folder.
+             read_columns: Sequence[str] | None = None, fetch: FetchOptions | None = None) -> "Catalog":
+        """Open ``path``: a file or URI (``s3://``, ``gs://``, ``https://``, ``file://``), or WebDataset
+        shards (``.tar``, brace patterns such as ``shard-{000000..000099}.tar``).
 
+        Relative image paths resolve against ``image_root`` (a folder or URI) or the file's folder.
         Parquet and CSV/TSV files are not read here, only their column names; JSON(L) is read whole.
         With ``read_columns`` only those of the file's columns are ever read (e.g. id and image).
         """
-        path = Path(path)
-        root = Path(image_root) if image_root is not None else path.resolve().parent
-        names = _read_column_names(path)
+        columns = columns or Columns()
+        if is_shard_spec(path):
+            table: FileTable | ShardTable = ShardTable(path, columns.id, columns.title, columns.image)
+        else:
+            table = FileTable(path)
+        root = image_root if image_root is not None else table.default_root
+        names = table.column_names()
         keep = None if read_columns is None else [c for c in dict.fromkeys(read_columns)
                                                   if names is None or c in names]
         if names is None:
-            frame = read_table(path)
+            frame = table.read()
             return cls(frame if keep is None else frame[[c for c in keep if c in frame]], columns, root,
-                       source=str(path))
-        return cls(None, columns, root, source=str(path), path=path, read_columns=keep)
+                       source=table.source, fetch=fetch)
+        return cls(None, columns, root, source=table.source, table=table, read_columns=keep, fetch=fetch)
 
     @property
     def frame(self) -> pd.DataFrame:
         """Every row in memory (read on first use when the catalog was opened from a file)."""
         if self._frame is None:
-            self._frame = read_table(self._path, columns=self._read_columns)
+            self._frame = self._table.read(self._read_columns)
         return self._frame
 
     @property
     def column_names(self) -> list[str]:
         if self._frame is not None:
-            return [c for c in self._frame.columns]
-        names = _read_column_names(self._path)
+            return [c for c in self._frame.columns if c != PROBLEM]
+        names = self._table.column_names()
         if names is None:
-            return list(self.frame.columns)
+            return [c for c in self.frame.columns if c != PROBLEM]
         return names if self._read_columns is None else [c for c in names if c in self._read_columns]
 
     def __len__(self) -> int:
+        """The number of rows (for shards this reads every shard once: see :meth:`known_len`)."""
         if self._frame is not None:
             return len(self._frame)
         if self._len is None:
-            if self._path.suffix.lower() in _PARQUET:
-                import pyarrow.parquet as pq
-
-                self._len = pq.ParquetFile(self._path).metadata.num_rows
-            else:
-                self._len = len(self._id_values())
+            self._len = self._table.num_rows()
         return self._len
+
+    def known_len(self) -> int | None:
+        """The number of rows where it costs little to know (not for shards: a tar has no index)."""
+        if self._frame is None and isinstance(self._table, ShardTable) and self._len is None:
+            return None
+        return len(self)
 
     @property
     def extra_columns(self) -> list[str]:
@@ -306,25 +275,26 @@ class Catalog:
     def _id_values(self) -> list[Any]:
         if self._frame is not None:
             return self._frame[self.columns.id].tolist()
-        return read_table(self._path, columns=[self.columns.id])[self.columns.id].tolist()
+        return [v for part in self._table.iter_frames(1 << 16, [self.columns.id]) for v in part[self.columns.id]]
 
     def iter_parts(self, start: int = 0, stop: int | None = None, chunk_size: int = 512) -> Iterator[pd.DataFrame]:
-        """Rows ``[start, stop)`` as DataFrames of at most ``chunk_size`` rows, indexed by row number."""
-        stop = len(self) if stop is None else stop
+        """Rows ``[start, stop)`` (``stop`` None: to the end) as DataFrames of at most ``chunk_size`` rows,
+        indexed by row number."""
         if self._frame is not None:
+            stop = len(self._frame) if stop is None else stop
             for lo in range(start, stop, chunk_size):
                 yield self._frame.iloc[lo : min(lo + chunk_size, stop)]
             return
         offset = 0
-        for part in _iter_file(self._path, chunk_size, self._read_columns):
+        for part in self._table.iter_frames(chunk_size, self._read_columns):
             lo, hi = offset, offset + len(part)
             offset = hi
             if hi <= start:
                 continue
-            if lo >= stop:
+            if stop is not None and lo >= stop:
                 break
             part.index = pd.RangeIndex(lo, hi)
-            yield part.loc[max(lo, start) : min(hi, stop) - 1]
+            yield part.loc[max(lo, start) : (hi if stop is None else min(hi, stop)) - 1]
 
     def iter_chunks(self, *args: Any, **kwargs: Any) -> Iterator[list[Product]]:
         """Yield validated products chunk by chunk; problems go to ``report`` (or raise if strict).
@@ -344,50 +314,98 @@ class Catalog:
         limits: ImageLimits | None = None,
         workers: int | None = None,
         shard: tuple[int, int] | None = None,
+        rows: tuple[int, int | None] | None = None,
+        seen: dict[str, int] | None = None,
     ) -> Iterator[tuple[pd.DataFrame, list[Product]]]:
         """Yield (the raw rows, indexed by row number; their validated products) chunk by chunk.
 
-        Images decode in a thread pool: Pillow releases the GIL while decoding. ``shard=(rank,
-        world)`` walks only that contiguous share of the rows (row numbers stay global); duplicate
-        ids are then decided from the id column alone (the first row carrying an id claims it).
+        Images decode in a thread pool (Pillow releases the GIL while decoding); remote images are
+        first fetched in a pool of ``self.fetch.workers`` threads, and a few chunks are in flight ahead
+        of the one yielded, so neither a slow host nor decoding holds up the caller's work.
+        ``shard=(rank, world)`` walks only that contiguous share of the rows (row numbers stay global);
+        duplicate ids are then decided from the id column alone (the first row carrying an id claims
+        it). ``rows=(start, stop)`` walks those rows (``stop`` None: to the end), with ``seen`` (id ->
+        first row) holding the ids that earlier rows have claimed.
         """
         report = report if report is not None else CatalogReport()
         report.source = self.source
-        seen: dict[str, int] = {}
-        span = range(len(self))
+        seen = dict(seen) if seen is not None else {}
+        span: tuple[int, int | None] = rows if rows is not None else (0, None)
         if shard is not None:
             rank, world = shard
             bounds = np.linspace(0, len(self), world + 1).round().astype(int)
-            span = range(int(bounds[rank]), int(bounds[rank + 1]))
-            seen = self._first_rows_by_id(span.start)
-        workers = workers or min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for part in self.iter_parts(span.start, span.stop, chunk_size):
-                records = part.to_dict("records")
-                rows = part.index
-                checked = list(
-                    pool.map(lambda rr: self._check_row(rr[0], rr[1], image_size, use_description, limits),
-                             zip(rows, records))
-                )
-                out: list[Product] = []
-                for item in checked:
-                    report.rows_in += 1
-                    if isinstance(item, Product):
-                        first = seen.get(item.id)
-                        if first is not None:
-                            item = Problem(item.row, item.id, f"duplicate id: first seen at row {first}")
-                        else:
-                            seen[item.id] = item.row
-                    if isinstance(item, Problem):
-                        if strict:
-                            raise CatalogError(f"{self.source}: {item}")
-                        report.problems.append(item)
-                        continue
-                    report.used += 1
-                    report.text_only += item.image is None
-                    report.image_only += item.text is None
-                    out.append(item)
-                yield part, out
+            span = (int(bounds[rank]), int(bounds[rank + 1]))
+            seen = self._first_rows_by_id(span[0])
+        limits = limits or ImageLimits()
+        decode = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
+        fetch: list[ThreadPoolExecutor] = []  # started on the first remote image
+        pending: deque[tuple[pd.DataFrame, list[Future]]] = deque()
+        try:
+            for part in self.iter_parts(span[0], span[1], chunk_size):
+                jobs = [self._submit_row(row, rec, image_size, use_description, limits, decode, fetch)
+                        for row, rec in zip(part.index, part.to_dict("records"))]
+                pending.append((part, jobs))
+                if len(pending) > READAHEAD:
+                    yield self._collect(*pending.popleft(), seen, report, strict)
+            while pending:
+                yield self._collect(*pending.popleft(), seen, report, strict)
+        finally:
+            for pool in (decode, *fetch):
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit_row(self, row: int, rec: dict[str, Any], image_size: int, use_description: bool,
+                    limits: ImageLimits, decode: ThreadPoolExecutor, fetch: list[ThreadPoolExecutor]) -> Future:
+        """The future of a row's check: decoded in ``decode``, after a fetch in the I/O pool if remote."""
+        uri = self._remote_image(rec.get(self.columns.image))
+        if uri is None:
+            return decode.submit(self._check_row, row, rec, image_size, use_description, limits)
+        if not fetch:
+            fetch.append(ThreadPoolExecutor(max_workers=max(1, self.fetch.workers), thread_name_prefix="fetch"))
+        fetched = fetch[0].submit(fetch_bytes, uri, limits.max_bytes, self.fetch)
+
+        def check(done: Future) -> Product | Problem:
+            error = done.exception()
+            value = error if error is not None else done.result()
+            return self._check_row(row, {**rec, self.columns.image: value}, image_size, use_description, limits)
+
+        return _then(fetched, check, decode)
+
+    def _remote_image(self, value: Any) -> str | None:
+        """The URI to fetch for an image value, or None (bytes, local files, and bad paths, which the
+        row check reports)."""
+        if not isinstance(value, str) or not value.strip():
+            return None
+        if not remote.is_remote(value) and not isinstance(self.image_root, str):
+            return None  # the common local case, without resolving the path twice
+        try:
+            location = resolve_location(value, self.image_root)
+        except ImageError:
+            return None
+        return location if isinstance(location, str) else None
+
+    def _collect(self, part: pd.DataFrame, jobs: list[Future], seen: dict[str, int], report: CatalogReport,
+                 strict: bool) -> tuple[pd.DataFrame, list[Product]]:
+        """The chunk's products in row order, its problems reported (duplicates decided here, in order)."""
+        out: list[Product] = []
+        for job in jobs:
+            item = job.result()
+            report.rows_in += 1
+            if isinstance(item, Product):
+                first = seen.get(item.id)
+                if first is not None:
+                    item = Problem(item.row, item.id, f"duplicate id: first seen at row {first}")
+                else:
+                    seen[item.id] = item.row
+            if isinstance(item, Problem):
+                if strict:
+                    raise CatalogError(f"{self.source}: {item}")
+                report.problems.append(item)
+                continue
+            report.used += 1
+            report.text_only += item.image is None
+            report.image_only += item.text is None
+            out.append(item)
+        return part, out
 
     def _first_rows_by_id(self, before: int) -> dict[str, int]:
         """First row of every id among rows [0, before): what an earlier shard has claimed."""
@@ -419,6 +437,8 @@ class Catalog:
             pid = _clean_text(raw_id, "id")
         except ValueError as e:
             return Problem(row, None, str(e))
+        if not _is_missing(rec.get(PROBLEM)):  # a sample the shard reader could not build
+            return Problem(row, pid, str(rec[PROBLEM]))
         if pid is None:
             return Problem(row, None, "missing id")
         try:
@@ -429,11 +449,37 @@ class Catalog:
         text = ". ".join(t for t in (title, desc) if t) or None
         image = None
         value = rec.get(c.image)
+        if isinstance(value, FetchError):
+            return Problem(row, pid, f"image fetch failed: {value}", uri=value.uri, status=value.status)
         if not _is_missing(value) and not (isinstance(value, str) and not value.strip()):
             try:
-                image = load_image_array(value, image_size, self.image_root, limits)
+                image = load_image_array(value, image_size, self.image_root, limits, self.fetch)
+            except FetchError as e:
+                return Problem(row, pid, f"image fetch failed: {e}", uri=e.uri, status=e.status)
             except ImageError as e:
                 return Problem(row, pid, f"bad image: {e}")
         if image is None and text is None:
             return Problem(row, pid, "no usable image and no title")
         return Product(row, pid, text, image, title if desc and title else None)
+
+
+def _then(first: Future, fn: Any, pool: ThreadPoolExecutor) -> Future:
+    """A future of ``fn(first)`` run in ``pool`` once ``first`` is done, without a thread waiting for it."""
+    out: Future = Future()
+
+    def settle(inner: Future) -> None:
+        if inner.cancelled():
+            out.cancel()
+        elif inner.exception() is not None:
+            out.set_exception(inner.exception())
+        else:
+            out.set_result(inner.result())
+
+    def start(done: Future) -> None:
+        try:
+            pool.submit(fn, done).add_done_callback(settle)
+        except RuntimeError as e:  # the pool has shut down: the caller stopped reading
+            out.set_exception(e)
+
+    first.add_done_callback(start)
+    return out

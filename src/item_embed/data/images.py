@@ -38,8 +38,41 @@ class ImageLimits:
     max_bytes: int = MAX_FILE_BYTES
 
 
-def _read_source(value: Any, root: Path | None, limits: ImageLimits) -> bytes | Image.Image:
-    """Bytes of an image given as bytes, a path (relative to ``root``) or a PIL image."""
+def resolve_location(value: str | os.PathLike, root: Path | str | None) -> Path | str:
+    """Where an image given as a path or URI lives: a local Path, or a remote URI (str).
+
+    A relative path resolves against ``root`` (a folder or a URI) and must stay inside it (no
+    ``../../etc/passwd``); absolute paths and URIs are taken as given (the catalog's author chose them).
+    """
+    from . import remote
+
+    text = os.fspath(value).strip()
+    if not text:
+        raise ImageError("image path is empty")
+    if remote.is_uri(text):
+        return text if remote.is_remote(text) else Path(remote.local_path(text))
+    root = remote.unmangle(root) if root is not None else None
+    if isinstance(root, str) and remote.is_remote(root):
+        if Path(text).is_absolute():
+            return Path(text)
+        return remote.join(root, text)
+    if isinstance(root, str) and remote.is_uri(root):
+        root = remote.local_path(root)
+    path = Path(text)
+    if not path.is_absolute():
+        base = Path(root or Path.cwd()).resolve()
+        path = (base / path).resolve()
+        if not path.is_relative_to(base):
+            raise ImageError(f"image path {text!r} escapes the image root {base}")
+    return path
+
+
+def _read_source(value: Any, root: Path | str | None, limits: ImageLimits,
+                 fetch: Any = None) -> bytes | Image.Image:
+    """Bytes of an image given as bytes, a path (relative to ``root``), a URI or a PIL image.
+
+    ``fetch``: the :class:`~item_embed.data.remote.FetchOptions` for remote images (default ones if None).
+    """
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -48,16 +81,12 @@ def _read_source(value: Any, root: Path | None, limits: ImageLimits) -> bytes | 
             raise ImageError("image bytes are empty")
         return data
     if isinstance(value, (str, os.PathLike)):
-        text = os.fspath(value).strip()
-        if not text:
-            raise ImageError("image path is empty")
-        path = Path(text)
-        if not path.is_absolute():
-            base = (root or Path.cwd()).resolve()
-            path = (base / path).resolve()
-            # A relative path must stay inside the image root (no ../../etc/passwd).
-            if not path.is_relative_to(base):
-                raise ImageError(f"image path {text!r} escapes the image root {base}")
+        location = resolve_location(value, root)
+        if isinstance(location, str):
+            from .remote import fetch_bytes
+
+            return fetch_bytes(location, limits.max_bytes, fetch)
+        path = location
         if not path.is_file():
             raise ImageError(f"image file not found: {path}")
         size = path.stat().st_size
@@ -89,7 +118,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_image(
-    value: Any, root: Path | None = None, limits: ImageLimits | None = None, draft_size: int | None = None
+    value: Any, root: Path | str | None = None, limits: ImageLimits | None = None, draft_size: int | None = None,
+    fetch: Any = None,
 ) -> Image.Image:
     """Decode ``value`` (bytes, path or PIL image) to an RGB PIL image, or raise ImageError.
 
@@ -97,7 +127,7 @@ def decode_image(
     large photos that end up at e.g. 96 px).
     """
     limits = limits or ImageLimits()
-    src = _read_source(value, root, limits)
+    src = _read_source(value, root, limits, fetch)
     try:
         with warnings.catch_warnings():
             # Our own cap (checked below from the header) decides; Pillow's warning would not
@@ -141,10 +171,10 @@ def pad_resize(im: Image.Image, size: int) -> np.ndarray:
 
 
 def load_image_array(
-    value: Any, size: int, root: Path | None = None, limits: ImageLimits | None = None
+    value: Any, size: int, root: Path | str | None = None, limits: ImageLimits | None = None, fetch: Any = None
 ) -> np.ndarray:
     """Decode and prepare one image: uint8 (size, size, 3), or raise ImageError."""
-    return pad_resize(decode_image(value, root, limits, draft_size=size), size)
+    return pad_resize(decode_image(value, root, limits, draft_size=size, fetch=fetch), size)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 
+from ..data import remote
 from ..data.catalog import Catalog, Columns
 from ..data.images import DEFAULT_MAX_PIXELS, ImageLimits
 from ..encode import ItemEncoder
@@ -223,7 +224,7 @@ def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: s
         if source is None:
             return None
         root = image_root if image_root is not None else (ix.image_root if catalog is None else None)
-        if catalog is None and not Path(source).is_file():
+        if catalog is None and not remote.is_uri(source) and not Path(source).is_file():
             logger.warning("catalog %s recorded in the index is gone: product images will not be shown "
                            "(pass --catalog)", source)
             return None

@@ -11,8 +11,10 @@ from typing import Any, Iterable
 import pandas as pd
 from PIL import Image
 
+from ..data import remote
 from ..data.catalog import Catalog
 from ..data.images import ImageError, ImageLimits, decode_image
+from ..data.remote import FetchOptions
 
 THUMBNAIL_PX = 256
 
@@ -34,9 +36,13 @@ class ProductImages:
     refused, so the service can never be made to read an arbitrary file.
     """
 
-    def __init__(self, sources: dict[str, bytes | str], root: Path | None, limits: ImageLimits) -> None:
+    def __init__(self, sources: dict[str, bytes | str], root: Path | str | None, limits: ImageLimits,
+                 fetch: FetchOptions | None = None) -> None:
         self._sources = sources
-        self.root = root.resolve() if root is not None else None
+        # A remote root (s3://, https://) stays a URI; relative paths join it and may not climb out.
+        self.root = root if isinstance(root, str) and remote.is_remote(root) else (
+            Path(root).resolve() if root is not None else None)
+        self.fetch = fetch
         self.limits = limits
         self._lock = threading.Lock()
         self._thumbs: dict[str, bytes] = {}  # small LRU by insertion order
@@ -57,7 +63,7 @@ class ProductImages:
                     sources[pid] = bytes(value)
                 elif isinstance(value, str) and value.strip():
                     sources[pid] = value.strip()
-        return cls(sources, Path(catalog.image_root), limits or ImageLimits())
+        return cls(sources, catalog.image_root, limits or ImageLimits(), catalog.fetch)
 
     def __contains__(self, product_id: str) -> bool:
         return product_id in self._sources
@@ -65,11 +71,15 @@ class ProductImages:
     def __len__(self) -> int:
         return len(self._sources)
 
-    def source(self, product_id: str) -> bytes | Path:
-        """The product's image bytes or confined path; KeyError when it has none, ImageError when refused."""
+    def source(self, product_id: str) -> bytes | Path | str:
+        """The product's image bytes, confined path or URI; KeyError when it has none, ImageError when refused."""
         value = self._sources[product_id]
         if isinstance(value, bytes):
             return value
+        if remote.is_remote(value):
+            return value  # the catalog names the remote image itself
+        if isinstance(self.root, str):
+            return remote.join(self.root, value)
         if self.root is None:
             raise ImageError("no image root to resolve the catalog path against")
         path = (self.root / value).resolve()  # an absolute value replaces the root: checked below
@@ -83,7 +93,7 @@ class ProductImages:
             cached = self._thumbs.get(product_id)
         if cached is not None:
             return cached
-        im = decode_image(self.source(product_id), None, self.limits, draft_size=size)
+        im = decode_image(self.source(product_id), None, self.limits, draft_size=size, fetch=self.fetch)
         im.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=88)
