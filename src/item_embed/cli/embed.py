@@ -1,5 +1,5 @@
-"""Subcommand ``embed``: a catalog's product embeddings as Parquet (one process, or a torchrun job
-writing one part per rank)."""
+"""Subcommand ``embed``: a catalog's product embeddings as Parquet, committed part by part so that a
+rerun continues after a crash (one process, or a torchrun job whose ranks each embed a share)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import argparse
 import time
 from pathlib import Path
 
+from ..embed_parts import PART_ROWS
 from .common import add_catalog_args, add_command, add_device_arg, add_precision_arg, finish_report, open_catalog
 
 
 def cmd_embed(a: argparse.Namespace) -> int:
     from ..data.catalog import CatalogReport
-    from ..embeddings import embed_catalog, embed_catalog_distributed
+    from ..embeddings import embed_catalog, embed_catalog_distributed, is_single_file
     from ..encode import ItemEncoder
     from ..runtime import setup_distributed
 
@@ -21,18 +22,20 @@ def cmd_embed(a: argparse.Namespace) -> int:
     catalog = open_catalog(a)
     out = Path(a.out)
     t0 = time.perf_counter()
+    options = dict(resume=a.resume, part_rows=a.part_rows)
     if ranks.world > 1:
-        # Under torchrun: each rank embeds its share into OUT/part-RANK.parquet; rank 0 writes the manifest.
+        # Under torchrun: each rank embeds its share into committed parts of the folder OUT; rank 0
+        # writes the manifest.
         report = embed_catalog_distributed(catalog, encoder, out, ranks.rank, ranks.world, a.batch_size, a.strict,
-                                           progress=not a.no_progress)
+                                           progress=not a.no_progress, **options)
         if not ranks.main:
             return 0
         n, report_path = report.used, out / "report.json"
     else:
         report = CatalogReport()
         n = embed_catalog(catalog, encoder, out, batch_size=a.batch_size, strict=a.strict, report=report,
-                          progress=not a.no_progress)
-        report_path = out.parent / (out.stem + ".report.json")
+                          progress=not a.no_progress, **options)
+        report_path = out.parent / (out.stem + ".report.json") if is_single_file(out) else out / "report.json"
     dt = time.perf_counter() - t0
     print(f"embedded {n} products in {dt:.1f}s ({n / max(dt, 1e-9):.1f}/s, {encoder.precision}) -> {out}")
     finish_report(report, report_path.parent, report_path.name)
@@ -43,8 +46,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = add_command(sub, "embed", "write product embeddings for a catalog")
     add_catalog_args(e)
     e.add_argument("--model", required=True, help="run folder of a trained model")
-    e.add_argument("--out", required=True, help="output .parquet (under torchrun: a folder of parts + manifest.json)")
+    e.add_argument("--out", required=True,
+                   help="output: NAME.parquet is one file (its committed parts wait in NAME.parquet.parts/ until the "
+                        "end); any other name is a folder of committed parts + manifest.json (always under torchrun)")
     e.add_argument("--batch-size", type=int, default=64, help="products per forward pass")
+    e.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out (a rerun of the same command does too); refused when "
+                        "there is none or it was made with other settings")
+    e.add_argument("--part-rows", type=int, default=PART_ROWS,
+                   help="catalog rows per committed part: the most work a crash can cost (rounded up to whole "
+                        "chunks of 4 batches)")
     add_precision_arg(e)
     add_device_arg(e)
     e.set_defaults(func=cmd_embed)
