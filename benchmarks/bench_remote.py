@@ -106,6 +106,7 @@ def main() -> int:
 
     from item_embed.cli import main as cli
     from item_embed.data.catalog import Catalog, CatalogReport
+    from item_embed.data.remote import FetchOptions
     from item_embed.embeddings import embed_catalog
     from item_embed.encode import ItemEncoder
 
@@ -153,7 +154,7 @@ def main() -> int:
     headers = ["source", "products/s (best of runs)", "x local", "other processes' cores"]
     print(C.text_table(headers, rows))
     print(f"HTTP at {LATENCY * 1000:.0f} ms per image: {ratio:.2f}x local (target >= {TARGET})")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # nothing below reads it
     if a.no_results:
         return 0
     body = "\n".join([
@@ -161,7 +162,7 @@ def main() -> int:
         f"- {len(products)} hm-dev products through `embeddings.embed_catalog` (batch {a.batch_size}, precision "
         f"{encoder.precision}, model: {'20-step ' + ('tiny' if a.quick else 'minilm') + ' preset' if a.model is None else a.model}), "
         f"best of {a.repeats} interleaved runs each; the HTTP server is another process on loopback that waits "
-        f"{LATENCY * 1000:.0f} ms before each answer; images fetched by {Catalog.open(sources['local Parquet']).fetch.workers} "
+        f"{LATENCY * 1000:.0f} ms before each answer; images fetched by {FetchOptions().workers} "
         "threads (the default `--fetch-workers`)",
         "",
         C.markdown_table(headers, rows),
