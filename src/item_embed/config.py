@@ -51,6 +51,15 @@ class ModelConfig:
     # ``shape_weight`` (0 dims = none). It is what answers photo-only queries.
     shape_dims: int = 0
     shape_weight: float = 0.1
+    # Whether the photo-only [CLS] carries the product (trained by view alignment): photo-only
+    # embeddings then keep it; without, a photo-only product is its shape slice alone.
+    photo_cls: bool = False
+    # A pretrained transformers vision model as the image stem (model.backbone), in place of
+    # ``image_stem``: its name or folder, its config (to rebuild it), its pixel statistics.
+    image_backbone: str = ""
+    backbone_config: dict | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -63,7 +72,9 @@ class ModelConfig:
             if self.image_stem in ("conv", "conv4_channelnorm", "hog", "hog_colour"):
                 raise _retired(f"image stem {self.image_stem!r}")
             raise ValueError(f"unknown image_stem {self.image_stem!r} ({', '.join(IMAGE_STEMS)})")
-        if self.image_stem == "conv_channelnorm" and self.patch_size & (self.patch_size - 1):
+        if self.image_backbone and self.backbone_config is None:
+            raise ValueError("an image backbone needs its config (model.backbone.describe_backbone)")
+        if self.image_stem == "conv_channelnorm" and not self.image_backbone and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"the conv stem halves the image per layer: patch_size {self.patch_size} "
                              "must be a power of two (or use --image-stem linear)")
         if self.shape_dims < 0:
@@ -105,12 +116,17 @@ class ModelConfig:
     def identity_dict(self) -> dict[str, Any]:
         """The config as model identities hash it, in the form models saved before the pruning had,
         so their indexes, embedding files and classifiers keep their ids: with ``pooling: cls``, and
-        without ``image_stem`` (linear) or the shape slice (none) at their old defaults."""
+        without ``image_stem`` (linear), the shape slice (none), ``photo_cls`` or a backbone at their old
+        defaults."""
         d = {**self.to_dict(), "pooling": "cls"}
         if d["image_stem"] == "linear":
             del d["image_stem"]
         if not d["shape_dims"]:
             del d["shape_dims"], d["shape_weight"]
+        if not d["photo_cls"]:
+            del d["photo_cls"]
+        if not d["image_backbone"]:
+            del d["image_backbone"], d["backbone_config"], d["image_mean"], d["image_std"]
         return d
 
     def config_hash(self) -> str:
@@ -150,11 +166,18 @@ class ObjectiveConfig:
     # image once the image side learns fast (docs/ablations.md).
     global_mlm: float = 0.25
     global_mim: float = 0.25
+    # View alignment: the [CLS] of each product seen whole, as a photo alone and as a title alone is pulled
+    # by in-batch InfoNCE towards the frozen MiniLM embedding of the product's text, so photo-only and
+    # title-only queries land where their products are (0 = the paper's five objectives alone).
+    align: float = 0.0
     mlm_prob: float = 0.15
     mim_ratio: float = 0.5
     itm_negative_ratio: float = 0.5
+    # Share of ITM's swapped photos taken from each product's mined hard negatives (photos the warm start
+    # finds close to its text, never those of the same product) instead of another product of the batch.
+    itm_hard: float = 0.0
 
-    WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim")
+    WEIGHT_NAMES = ("itm", "mlm", "mim", "global_mlm", "global_mim", "align")
 
     def weights(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.WEIGHT_NAMES}
@@ -169,6 +192,8 @@ class ObjectiveConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name}={v} must be in [0, 1)")
+        if not 0.0 <= self.itm_hard <= 1.0:
+            raise ValueError(f"itm_hard={self.itm_hard} must be in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

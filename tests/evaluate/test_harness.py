@@ -127,7 +127,8 @@ def test_cli_full_form_writes_results_json(tiny_catalog, tiny_run, tmp_path, cap
     item = res["features"]["item"]
     assert list(item["retrieval"]) == list(MODES)
     for mode, m in item["retrieval"].items():
-        assert set(m) == {"R@1", "R@10", "MAP@R", "queries"} and 0.0 <= m["R@1"] <= m["R@10"] <= 1.0
+        rank_metric = "MRR" if mode == "title2image" else "MAP@R"
+        assert set(m) == {"R@1", "R@10", rank_metric, "queries"} and 0.0 <= m["R@1"] <= m["R@10"] <= 1.0
     assert "image2image" not in res["features"]["tfidf"]["retrieval"]  # text only
     assert "image2image" in res["features"]["phash"]["retrieval"]
     for name, feat in res["features"].items():
@@ -190,3 +191,37 @@ def test_a_mode_aware_encoder_plugs_in_like_the_dual_encoder(tmp_path):
         load_featurizer("clip:somewhere")
     with pytest.raises(ValueError, match="KIND:DIR"):
         load_featurizer("dual")
+
+
+def test_title2image_asks_titles_for_photos_with_or_without_groups():
+    """Title-only queries against every photo-only embedding: the product's own photo (or, with
+    groups, any photo of its group) is the answer; products without a photo are neither side."""
+    title = unit(0, 90, 180, 270)
+    image = unit(100, 5, 265, 185)  # product 0's title (0 deg) is nearest product 1's photo (5 deg)
+    fake = FakeFeaturizer({"joint": title, "title": title, "image": image})
+    alone = evaluate_featurizer(fake, _products(4), modes=["title2image"])["retrieval"]["title2image"]
+    assert alone["queries"] == 4 and alone["R@1"] == 0.0  # each title's nearest photo is another product's
+    grouped = evaluate_featurizer(fake, _products(4, ["a", "a", "b", "b"]), group="group",
+                                  modes=["title2image"])["retrieval"]["title2image"]
+    assert grouped["R@1"] == 1.0 and grouped["MRR"] == 1.0  # ... of the same group
+    no_photo = _products(4, images=[b"x", None, b"x", b"x"])
+    assert evaluate_featurizer(fake, no_photo, modes=["title2image"])["retrieval"]["title2image"]["queries"] == 3
+    text_only = FakeFeaturizer({"joint": title, "title": title}, modalities=("text",))
+    assert "title2image" not in evaluate_featurizer(text_only, _products(4), modes=["title2image"])["retrieval"]
+
+
+def test_probes_on_photo_only_embeddings_read_the_image_mode_of_products_with_a_photo():
+    rng = np.random.default_rng(0)
+    n = 80
+    labels = np.array([f"c{i % 2}" for i in range(n)])
+    image = np.where((labels == "c0")[:, None], [1.0, 0.0], [0.0, 1.0]) + rng.normal(0, 0.05, (n, 2))
+    joint = rng.normal(size=(n, 2))  # the joint embedding knows nothing of the label
+    fake = FakeFeaturizer({"joint": joint.astype(np.float32), "image": image.astype(np.float32)})
+    images = [b"x"] * (n - 10) + [None] * 10
+    res = evaluate_featurizer(fake, _products(n, images=images, cat=labels), labels=["cat"], modes=[],
+                              probe_modes=["joint", "image"])
+    assert res["probe"]["cat (image)"]["linear"]["accuracy"] == 1.0
+    assert res["probe"]["cat (image)"]["linear"]["test"] < res["probe"]["cat"]["linear"]["test"]  # photos only
+    assert res["probe"]["cat"]["linear"]["accuracy"] < 0.9
+    with pytest.raises(ValueError, match="unknown mode"):
+        evaluate_featurizer(fake, _products(n, cat=labels), labels=["cat"], modes=[], probe_modes=["title"])

@@ -97,3 +97,17 @@ def test_linear_probe_leaves_out_missing_labels():
     test = np.array([False, False, False, False, True, True])
     m = linear_probe(emb, labels, test)
     assert m["test"] == 1 and m["accuracy"] == 1.0
+
+
+def test_cross_modal_retrieval_hand_computed():
+    """Title queries against photos: relevant = the same group, the product's own photo included."""
+    from item_embed.evaluate.metrics import cross_modal_metrics
+
+    queries = unit(0, 90, 180)  # query 0 -> photo at 10 deg (group a); query 1 -> 100 deg (group c), ...
+    gallery = unit(10, 100, 80, 190)
+    m = cross_modal_metrics(queries, gallery, ["a", "b", "c"], ["a", "c", "b", "c"], ks=(1, 2))
+    # q0 (a): ranks g0 first -> rank 1. q1 (b): g1 (c, 100) then g2 (b, 80) tie at 10 deg: g1 first by
+    # gallery order -> first relevant at rank 2. q2 (c): g3 (c, 190) first -> rank 1.
+    assert m["R@1"] == 2 / 3 and m["R@2"] == 1.0 and m["queries"] == 3
+    assert abs(m["MRR"] - (1 + 0.5 + 1) / 3) < 1e-9
+    assert cross_modal_metrics(queries[:1], gallery, ["z"], ["a", "c", "b", "c"], ks=(1,))["MRR"] == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -105,3 +106,40 @@ def test_train_defaults_to_the_recipe_stem_and_linear_stays_available(tiny_catal
 def test_training_fits_the_slice_and_saves_it(tiny_run):
     enc = ItemEncoder.from_pretrained(tiny_run, device="cpu")
     assert enc.model.shape.fitted and enc.dim == enc.cfg.hidden_size + enc.cfg.shape_dims
+
+
+def test_the_warm_started_aligned_recipe_end_to_end(tiny_catalog, tmp_path):
+    """Warm start, view alignment, hard ITM negatives and held-out ITM accuracy, from the CLI: every stage
+    runs, is logged, is saved with the run, and a resumed run reuses the warm start instead of redoing it."""
+    run = tmp_path / "aligned"
+    flags = ["--warm-start-epochs", "2", "--warm-start-batch-size", "16", "--loss-weights", "align=1",
+             "--itm-hard", "0.5", "--heldout", "10", "--steps", "4", "--save-every", "2", *TRAIN]
+    assert main(["train", str(tiny_catalog), "--out", str(run), *flags]) == 0
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all("heldout_itm_acc" in r for r in log if r["step"] in (2, 4))
+    assert all({"align_joint", "align_image", "align_title"} <= set(r) for r in log)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["photo_cls"] is True and config["heldout"] == 10
+    assert config["objectives"]["align"] == 1 and config["warm_start"]["epochs"] == 2
+    assert (run / "warmstart" / "hard_negatives.npy").is_file()
+    # A photo-only product keeps its [CLS] part: the aligned model's photo view carries the product.
+    encoder = ItemEncoder.from_pretrained(run, device="cpu", precision="fp32")
+    catalog = pd.read_csv(tiny_catalog)
+    photo = encoder.encode([{"image": tiny_catalog.parent / catalog.loc[0, "image"]}])[0]
+    assert np.abs(photo[: encoder.cfg.hidden_size]).sum() > 0
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log[:2]))
+    out = subprocess_free_main(["train", str(tiny_catalog), "--out", str(run), *flags, "--resume"])
+    assert "reusing" in out and "resumed from step-00000002" in out
+
+
+def subprocess_free_main(argv: list[str]) -> str:
+    """Run the CLI in this process and return what it printed."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(argv) == 0
+    return buffer.getvalue()

@@ -100,6 +100,12 @@ def model_config(a: argparse.Namespace, cache_meta: dict | None = None):
                  use_description=a.use_description or None, image_stem=getattr(a, "image_stem", None),
                  shape_dims=PRESETS[a.preset].get("shape_dims", 0) if shape_dims is None else shape_dims,
                  shape_weight=getattr(a, "shape_weight", None))
+    backbone = getattr(a, "image_backbone", None)
+    if backbone:
+        from ..model.backbone import describe_backbone
+
+        size = shape["image_size"] or (cache_meta or {}).get("image_size") or 224
+        shape.update(describe_backbone(backbone, size), image_size=size, image_stem=None)
     if cache_meta:
         for key in ("image_size", "max_text_len", "use_description"):
             if shape[key] is not None and shape[key] != cache_meta[key]:

@@ -56,6 +56,7 @@ def _evaluate_command(a: argparse.Namespace) -> str:
     argv = ["item-embed", "evaluate", str(a.catalog)]
     for flag, value in (("--model", a.model), ("--group", a.group), ("--labels", a.labels),
                         ("--baselines", a.baselines), ("--modes", a.modes), ("-k", a.k if a.k != 10 else None),
+                        ("--probe-modes", a.probe_modes if a.probe_modes != "joint" else None),
                         ("--precision", a.precision if a.precision != "auto" else None),
                         ("--image-root", a.image_root), ("--out-dir", a.out_dir)):
         if value is not None:
@@ -101,7 +102,7 @@ def _evaluate_catalog(a: argparse.Namespace) -> int:
     products = RawProducts.from_catalog(catalog, strict=a.strict, report=report)
     print(report.summary())
     results = evaluate_all(products, featurizers, a.group, labels, modes, a.k,
-                           diagnostics_of="item" if a.model else None, log=print)
+                           diagnostics_of="item" if a.model else None, log=print, probe_modes=_csv(a.probe_modes))
     results["catalog"] = str(a.catalog)
     results["model"] = str(a.model) if a.model else None
     results["commands"] = [_evaluate_command(a)]
@@ -147,7 +148,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--baselines", help="comma-separated: tfidf,minilm,minilm_title,pixels16,phash,fusion,hog,fusion_hog")
     v.add_argument("--featurizer", action="append", metavar="KIND:DIR",
                    help="another model to compare, item:RUN_DIR or dual:DIR (repeatable)")
-    v.add_argument("--modes", help="retrieval query modes (default joint,image,title,image2image)")
+    v.add_argument("--modes", help="retrieval query modes (default joint,image,title,image2image,title2image; "
+                                   "without --group only title2image, whose products are their own groups)")
+    v.add_argument("--probe-modes", default="joint",
+                   help="embeddings the category probes read: joint (the whole product), image (the photo "
+                        "alone), or both, comma-separated")
     v.add_argument("--out-dir", help="write results.json and results.md here")
     v.add_argument("--batch-size", type=int, default=64, help="products per forward pass")
     add_precision_arg(v)

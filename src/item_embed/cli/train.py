@@ -38,11 +38,15 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
     objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio,
-                                 itm_negative_ratio=a.itm_negatives)
+                                 itm_negative_ratio=a.itm_negatives, itm_hard=a.itm_hard)
+    warm = None
+    if a.warm_start_epochs > 0:
+        warm = TrainConfig(epochs=a.warm_start_epochs, batch_size=a.warm_start_batch_size, lr=a.warm_start_lr,
+                           seed=a.seed, precision=a.precision, save_every=a.save_every, new_lr_scale=1.0)
     tokenizer = load_tokenizer()
     data, cfg, report = load_training_data(a, tokenizer)
-    result = train(data, tokenizer, a.out, cfg, _train_config(a), objectives, resume=a.resume,
-                   progress=not a.no_progress, device=a.device, extra={"catalog": str(a.catalog)})
+    result = train(data, tokenizer, a.out, cfg, _train_config(a), objectives, warm=warm, heldout=a.heldout,
+                   resume=a.resume, progress=not a.no_progress, device=a.device, extra={"catalog": str(a.catalog)})
     if is_main_process():
         _print_result(result, Path(a.out), "model", report)
     return 0
@@ -187,6 +191,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--image-stem", choices=IMAGE_STEMS, default=RECIPE_IMAGE_STEM,
                    help="how pixels become patch vectors: small convolutions with per-pixel channel norm "
                         "(conv_channelnorm) or ITEm's linear projection of the raw patch (linear)")
+    t.add_argument("--image-backbone", metavar="NAME_OR_DIR",
+                   help="a pretrained transformers vision model (ViT, DINOv2, CLIP/SigLIP vision, ConvNeXt, ResNet: "
+                        "a folder, or a hub name already in the local cache) whose patch or grid features become "
+                        "the image tokens, in place of --image-stem: the first choice when you have one")
     t.add_argument("--shape-dims", type=int,
                    help=f"whitened HOG coordinates of the photo appended to [CLS], fitted on the catalog's photos "
                         f"after training: what answers photo-only queries (default {RECIPE_SHAPE_DIMS}; tiny 32; "
@@ -203,6 +211,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="weight of the shape coordinates beside the unit [CLS] (small: products and title "
                           "queries rank by [CLS]; photo queries rank by shape at any weight)")
     adv.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (less memory)")
+    adv.add_argument("--itm-hard", type=float, default=0.0,
+                     help="share of ITM's swapped photos taken from mined hard negatives (needs the warm start)")
+    adv.add_argument("--heldout", type=int, default=0,
+                     help="products kept out of training, on which image-text matching is measured at every "
+                          "checkpoint (heldout_itm_acc in metrics.jsonl)")
+    warm = t.add_argument_group("image warm start (the stem alone, before ITEm)")
+    warm.add_argument("--warm-start-epochs", type=float, default=0.0,
+                      help="epochs of the image stem aligned alone with the MiniLM embedding of each photo's "
+                           "text (0 = none)")
+    warm.add_argument("--warm-start-batch-size", type=int, default=256, help="photos per warm-start step")
+    warm.add_argument("--warm-start-lr", type=float, default=2e-3, help="peak learning rate of the warm start")
     t.set_defaults(func=cmd_train)
 
     d = add_command(sub, "train-dual", "train the CLIP-style dual encoder (the peer ITEm is measured against)")
@@ -210,6 +229,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", required=True, help="run folder (model, checkpoints, metrics.jsonl)")
     _add_budget_args(d, "image+title pairs")
     d.add_argument("--image-stem", choices=IMAGE_STEMS, default="linear", help="the image tower's patch stem")
+    d.add_argument("--image-backbone", metavar="NAME_OR_DIR",
+                   help="a pretrained transformers vision model as the image tower's stem (as in train)")
     d.add_argument("--embed-dim", type=int, default=256, help="size of the shared embedding space")
     _add_advanced_args(d.add_argument_group("advanced"), "1: at 10 the 6-layer image tower diverged in our runs")
     d.set_defaults(func=cmd_train_dual)

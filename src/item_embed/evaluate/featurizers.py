@@ -16,8 +16,9 @@ import pandas as pd
 
 from .diagnostics import ClsAttentionMeter
 
-MODES = ("joint", "image", "title", "image2image")
-EMBED_MODES = ("joint", "image", "title")  # what a featurizer is asked for; image2image uses "image"
+MODES = ("joint", "image", "title", "image2image", "title2image")
+EMBED_MODES = ("joint", "image", "title")  # what a featurizer is asked for; image2image / title2image use these
+PROBE_MODES = ("joint", "image")  # which embeddings a probe reads: the whole product, or its photo alone
 _KEYS = itertools.count()
 
 

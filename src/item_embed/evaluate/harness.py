@@ -13,8 +13,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .featurizers import MODES, Featurizer, RawProducts, missing
-from .metrics import group_codes, knn_classify, linear_probe, retrieval_metrics, split_test_mask
+from .featurizers import MODES, PROBE_MODES, Featurizer, RawProducts, missing
+from .metrics import (cross_modal_metrics, group_codes, knn_classify, linear_probe, retrieval_metrics,
+                      split_test_mask)
 
 def group_keys(products: RawProducts, group: str) -> np.ndarray:
     """Group per product; a product without one is its own singleton (a distractor)."""
@@ -36,58 +37,94 @@ def _floats(metrics: dict) -> dict:
 
 def evaluate_featurizer(featurizer: Featurizer, products: RawProducts, group: str | None = None,
                         labels: Sequence[str] = (), modes: Sequence[str] = MODES, k: int = 10,
-                        test_mask: np.ndarray | None = None) -> dict:
+                        test_mask: np.ndarray | None = None, probe_modes: Sequence[str] = ("joint",)) -> dict:
     """Every protocol for one featurizer: ``{"retrieval": {MODE: metrics}, "probe": {LABEL:
-    {"linear": .., "knn": ..}}}``.
+    {"linear": .., "knn": ..}}}``; a probe on photo-only embeddings is ``"LABEL (image)"``.
 
-    Retrieval needs ``group``; queries are the products of groups with >= 2 members that have the
-    mode's input (an image for image/image2image, a title for title). The gallery is the joint
-    embedding of every product (image2image: the image embedding). A mode the featurizer cannot
-    embed, or image2image for one that reads no images, is left out. Probes use joint embeddings.
+    Same-product retrieval needs ``group``; queries are the products of groups with >= 2 members that
+    have the mode's input (an image for image/image2image, a title for title). The gallery is the
+    joint embedding of every product (image2image: the image embedding). ``title2image`` asks with each
+    product's title alone for photos alone (every product with a photo; relevant: the same group, or
+    without groups the product itself) and needs no group. A mode the featurizer cannot embed, or an
+    image mode for one that reads no images, is left out.
     """
-    unknown = set(modes) - set(MODES)
+    unknown = (set(modes) - set(MODES)) | (set(probe_modes) - set(PROBE_MODES))
     if unknown:
-        raise ValueError(f"unknown mode(s) {', '.join(sorted(unknown))} (use {', '.join(MODES)})")
+        raise ValueError(f"unknown mode(s) {', '.join(sorted(unknown))} (retrieval: {', '.join(MODES)}; "
+                         f"probes: {', '.join(PROBE_MODES)})")
     joint = featurizer.embed(products, "joint")
     if joint is None:
         raise ValueError(f"featurizer {featurizer.name} cannot embed products in joint mode")
     result: dict[str, dict] = {"retrieval": {}, "probe": {}}
-    if group is not None:
-        groups = group_keys(products, group)
-        codes = group_codes(groups)
-        candidates = np.bincount(codes)[codes] >= 2
-        has = {"joint": np.ones(len(products), bool), "image": products.has_image, "title": products.has_title,
-               "image2image": products.has_image}
-        for mode in modes:
-            if mode == "image2image" and "image" not in featurizer.modalities:
-                continue
-            queries = joint if mode == "joint" else featurizer.embed(products, "image" if mode == "image2image" else mode)
-            if queries is None:
-                continue
-            gallery = queries if mode == "image2image" else joint
-            rows = np.flatnonzero(candidates & has[mode])
-            result["retrieval"][mode] = _floats(retrieval_metrics(queries[rows], gallery, groups, query_rows=rows))
+    groups = group_keys(products, group) if group is not None else None
+    for mode in modes:
+        if mode == "title2image":
+            metrics = _title2image(featurizer, products, groups)
+            if metrics is not None:
+                result["retrieval"][mode] = metrics
+        elif groups is not None:
+            metrics = _same_product(featurizer, products, groups, joint, mode)
+            if metrics is not None:
+                result["retrieval"][mode] = metrics
     if labels:
         test = split_test_mask(split_keys(products, group)) if test_mask is None else test_mask
-        for col in labels:
-            if col not in products.frame:
-                raise KeyError(f"no label column {col!r}")
-            values = products.frame[col].to_numpy()
-            result["probe"][col] = {"linear": _floats(linear_probe(joint, values, test)),
-                                    "knn": _floats(knn_classify(joint, values, test, k=k))}
+        for probe_mode in probe_modes:
+            emb, rows = joint, np.arange(len(products))
+            if probe_mode == "image":
+                if "image" not in featurizer.modalities or (emb := featurizer.embed(products, "image")) is None:
+                    continue
+                rows = np.flatnonzero(products.has_image)
+            for col in labels:
+                if col not in products.frame:
+                    raise KeyError(f"no label column {col!r}")
+                values = products.frame[col].to_numpy()[rows]
+                key = col if probe_mode == "joint" else f"{col} ({probe_mode})"
+                result["probe"][key] = {"linear": _floats(linear_probe(emb[rows], values, test[rows])),
+                                        "knn": _floats(knn_classify(emb[rows], values, test[rows], k=k))}
     return result
+
+
+def _same_product(featurizer: Featurizer, products: RawProducts, groups: np.ndarray, joint: np.ndarray,
+                  mode: str) -> dict | None:
+    """Same-product retrieval in ``mode`` (joint, image, title, image2image), or None when not embeddable."""
+    if mode == "image2image" and "image" not in featurizer.modalities:
+        return None
+    queries = joint if mode == "joint" else featurizer.embed(products, "image" if mode == "image2image" else mode)
+    if queries is None:
+        return None
+    codes = group_codes(groups)
+    candidates = np.bincount(codes)[codes] >= 2
+    has = {"joint": np.ones(len(products), bool), "image": products.has_image, "title": products.has_title,
+           "image2image": products.has_image}
+    gallery = queries if mode == "image2image" else joint
+    rows = np.flatnonzero(candidates & has[mode])
+    return _floats(retrieval_metrics(queries[rows], gallery, groups, query_rows=rows))
+
+
+def _title2image(featurizer: Featurizer, products: RawProducts, groups: np.ndarray | None) -> dict | None:
+    """Title-only queries against the photo-only embeddings of every product with a photo."""
+    if "image" not in featurizer.modalities or "text" not in featurizer.modalities:
+        return None
+    titles, photos = featurizer.embed(products, "title"), featurizer.embed(products, "image")
+    if titles is None or photos is None:
+        return None
+    keys = groups if groups is not None else np.asarray(products.ids, dtype=object)
+    queries = np.flatnonzero(products.has_title & products.has_image)
+    gallery = np.flatnonzero(products.has_image)
+    return _floats(cross_modal_metrics(titles[queries], photos[gallery], keys[queries], keys[gallery]))
 
 
 def evaluate_all(products: RawProducts, featurizers: Iterable[Featurizer], group: str | None = None,
                  labels: Sequence[str] = (), modes: Sequence[str] = MODES, k: int = 10,
-                 diagnostics_of: str | None = None, log: Callable[[str], None] | None = None) -> dict:
+                 diagnostics_of: str | None = None, log: Callable[[str], None] | None = None,
+                 probe_modes: Sequence[str] = ("joint",)) -> dict:
     """Run every protocol for each featurizer on the same products and the same split.
 
     Returns the ``results.json`` document (the HTML report reads it; keep it stable)::
 
         {"catalog": str, "model": str | None,            # filled in by the caller
          "n_products": int,
-         "features": {NAME: {"retrieval": {MODE: {"R@1", "R@10", "MAP@R", "queries"}},
+         "features": {NAME: {"retrieval": {MODE: {"R@1", "R@10", "MAP@R" (title2image: "MRR"), "queries"}},
                              "probe": {LABEL: {"linear": {"accuracy", "macro_f1", "test"},
                                                "knn": {"accuracy", "macro_f1", "test"}}}}},
          "diagnostics": {"cls_attention_image", "cls_attention_text",
@@ -109,7 +146,7 @@ def evaluate_all(products: RawProducts, featurizers: Iterable[Featurizer], group
         log(f"{f.name}: embedding and evaluating")
         if hasattr(f, "fit"):
             f.fit(products)
-        out["features"][f.name] = evaluate_featurizer(f, products, group, labels, modes, k, test)
+        out["features"][f.name] = evaluate_featurizer(f, products, group, labels, modes, k, test, probe_modes)
         if getattr(f, "_item_model", None) is not None:  # every ITEm model gets its own
             out["features"][f.name]["diagnostics"] = f.diagnostics(products)
         if f.name == diagnostics_of and hasattr(f, "diagnostics"):
@@ -151,10 +188,12 @@ def results_tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]
     """The results document as (title, headers, rows) tables: retrieval, probes, diagnostics."""
     feats = results.get("features", {})
     tables = []
-    rows = [[name, mode, _fmt(m.get("R@1")), _fmt(m.get("R@10")), _fmt(m.get("MAP@R")), _fmt(m.get("queries"))]
+    rows = [[name, mode, _fmt(m.get("R@1")), _fmt(m.get("R@10")), _fmt(m.get("MAP@R", m.get("MRR"))),
+             _fmt(m.get("queries"))]
             for name, f in feats.items() for mode, m in f.get("retrieval", {}).items()]
     if rows:
-        tables.append(("Same-product retrieval", ["features", "query mode", "R@1", "R@10", "MAP@R", "queries"], rows))
+        tables.append(("Same-product retrieval", ["features", "query mode", "R@1", "R@10", "MAP@R (MRR)", "queries"],
+                       rows))
     rows = [[name, label, _fmt(p["linear"]["accuracy"]), _fmt(p["linear"]["macro_f1"]),
              _fmt(p["knn"]["accuracy"]), _fmt(p["knn"]["macro_f1"])]
             for name, f in feats.items() for label, p in f.get("probe", {}).items()]

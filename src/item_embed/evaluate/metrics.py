@@ -59,6 +59,34 @@ def retrieval_metrics(queries: np.ndarray, gallery: np.ndarray, groups, query_ro
     return out
 
 
+def cross_modal_metrics(queries: np.ndarray, gallery: np.ndarray, query_groups, gallery_groups,
+                        ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
+    """Retrieval across modalities (e.g. title-only queries against photo-only embeddings).
+
+    queries: (q, d) and gallery: (n, d), L2-normalised; query_groups: (q,), gallery_groups: (n,) the
+    product group of each (the product's id where there are no groups). A gallery item is relevant
+    when it shares the query's group, the query product's own photo included. R@k (a relevant item in
+    the top k) and MRR (mean reciprocal rank of the first relevant item); ties by gallery order.
+    """
+    codes = group_codes(np.concatenate([np.asarray(query_groups, dtype=object),
+                                        np.asarray(gallery_groups, dtype=object)]))
+    qc, gc = codes[: len(queries)], codes[len(queries):]
+    hits = {k: 0 for k in ks}
+    rr = 0.0
+    for start in range(0, len(queries), RETRIEVAL_CHUNK):
+        sims = queries[start : start + RETRIEVAL_CHUNK] @ gallery.T  # (c, n)
+        order = np.argsort(-sims, axis=1, kind="stable")
+        rel = gc[order] == qc[start : start + len(sims), None]  # (c, n) bool
+        first = np.where(rel.any(axis=1), rel.argmax(axis=1), np.inf)  # 0-based rank of the first relevant
+        for k in ks:
+            hits[k] += int((first < k).sum())
+        rr += float(np.where(np.isfinite(first), 1.0 / (first + 1), 0.0).sum())
+    n = len(queries)
+    if n == 0:
+        return {"queries": 0}
+    return {**{f"R@{k}": hits[k] / n for k in ks}, "MRR": rr / n, "queries": n}
+
+
 def split_test_mask(keys) -> np.ndarray:
     """The reference 80/20 split: test fold = hash of the key (group, or id) mod 5 == 0."""
     keys = np.asarray(pd.Series(keys).astype(str))

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-RETRIEVAL_MODES = ("joint", "image", "title", "image2image")
+RETRIEVAL_MODES = ("joint", "image", "title", "image2image", "title2image")
 RETRIEVAL_METRICS = ("R@1", "R@10", "MAP@R")
 QUERY_MODES = ("joint", "image", "title")
 TOP_CLASSES = 12  # map colours: the most frequent classes, the rest grey

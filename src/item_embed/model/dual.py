@@ -26,6 +26,7 @@ from transformers.models.bert.modeling_bert import BertEncoder
 
 from ..config import ModelConfig
 from .encoder import ItemModel, bert_config
+from .losses import contrastive_loss
 from .stems import make_image_stem, stem_patches
 
 DUAL_FORMAT = "item-embed-dual/1"
@@ -164,21 +165,3 @@ class DualModel(nn.Module):
                 images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Contrastive losses of a batch of matched (image, title) pairs."""
         return contrastive_loss(self.encode_image(images), self.encode_text(input_ids, text_mask), self.scale())
-
-
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Symmetric in-batch InfoNCE.
-
-    image, text: (B, D) L2-normalised, row i of each from the same product; scale: 1 / temperature.
-    Returns ``loss`` (mean of the image->text and text->image cross-entropies), ``i2t_acc`` and
-    ``t2i_acc`` (share of rows whose own partner scores highest) and ``temperature``.
-    """
-    with torch.autocast(image.device.type, enabled=False):  # similarities in fp32 even under bf16
-        logits = scale.float() * image.float() @ text.float().T  # (B, B): images as rows, titles as columns
-    target = torch.arange(len(image), device=image.device)
-    loss_i2t = F.cross_entropy(logits, target)
-    loss_t2i = F.cross_entropy(logits.T, target)
-    with torch.no_grad():
-        i2t = (logits.argmax(1) == target).float().mean()
-        t2i = (logits.argmax(0) == target).float().mean()
-    return {"loss": (loss_i2t + loss_t2i) / 2, "i2t_acc": i2t, "t2i_acc": t2i, "temperature": 1.0 / scale.detach()}

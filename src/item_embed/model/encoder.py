@@ -75,13 +75,7 @@ class ItemModel(nn.Module):
     def from_minilm(cls, cfg: ModelConfig) -> "ItemModel":
         """Text embeddings and encoder from all-MiniLM-L6-v2 (offline); image side random."""
         model = cls(cfg)
-        weights = load_file(str(minilm_path() / "model.safetensors"))
-        # The export carries BERT's pooler (unused by ITEm) and an old position_ids buffer.
-        weights = {k: v for k, v in weights.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
-        missing, unexpected = model.bert.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise RuntimeError(f"MiniLM weights do not fit: missing {missing}, unexpected {unexpected}")
+        load_minilm_weights(model.bert)
         return model
 
     @property
@@ -145,10 +139,10 @@ class ItemModel(nn.Module):
     def product_embedding(self, out: EncoderOutput, images: torch.Tensor | None, has_text: torch.Tensor,
                           has_image: torch.Tensor) -> torch.Tensor:
         """(B, cfg.embedding_dim) L2-normalised: ``pool(out)`` and, with a shape slice, the photo's
-        shape part at ``cfg.shape_weight`` (item_embed.shape). Once the slice is fitted, a row
-        without text drops its [CLS] part: a title-less [CLS] carries no product identity (on the
-        default recipe every photo-only [CLS] is the same vector), only a bias towards products
-        whose titles look empty."""
+        shape part at ``cfg.shape_weight`` (model.shape). Once the slice is fitted, a row without
+        text drops its [CLS] part unless ``cfg.photo_cls``: without view alignment a title-less [CLS]
+        carries no product identity (every photo-only [CLS] is the same vector), only a bias towards
+        products whose titles look empty."""
         v = self.pool(out)
         if self.shape is None:
             return v
@@ -156,14 +150,35 @@ class ItemModel(nn.Module):
             s = v.new_zeros(v.shape[0], self.cfg.shape_dims)
         else:
             s = self.shape(images, has_image)
-        if self.shape.fitted:
+        if self.shape.fitted and not self.cfg.photo_cls:
             v = v * has_text.to(v.dtype).unsqueeze(1)
         return F.normalize(torch.cat([v, self.cfg.shape_weight * s], dim=1), dim=-1)
 
 
+def load_minilm_weights(bert: BertModel) -> BertModel:
+    """Copy all-MiniLM-L6-v2's weights (offline) into ``bert``, a BertModel of its shape."""
+    weights = load_file(str(minilm_path() / "model.safetensors"))
+    # The export carries BERT's pooler (unused here) and an old position_ids buffer.
+    weights = {k: v for k, v in weights.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
+    missing, unexpected = bert.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"MiniLM weights do not fit: missing {missing}, unexpected {unexpected}")
+    return bert
+
+
+def minilm_bert() -> BertModel:
+    """all-MiniLM-L6-v2 as a plain BertModel (no pooler), in eval mode: the frozen text teacher."""
+    return load_minilm_weights(BertModel(bert_config(minilm_model_config()), add_pooling_layer=False)).eval()
+
+
 def build_model(cfg: ModelConfig, seed: int = 0) -> ItemModel:
-    """A fresh model for ``cfg``: MiniLM text weights for the minilm preset, random otherwise."""
+    """A fresh model for ``cfg``: MiniLM text weights for the minilm preset (random otherwise), and the
+    image backbone's pretrained weights when it has one."""
     torch.manual_seed(seed)
-    if cfg.preset == "minilm":
-        return ItemModel.from_minilm(cfg)
-    return ItemModel(cfg)
+    model = ItemModel.from_minilm(cfg) if cfg.preset == "minilm" else ItemModel(cfg)
+    if cfg.image_backbone:
+        from .backbone import load_backbone_weights
+
+        load_backbone_weights(model.backbone_stem.backbone, cfg.image_backbone)
+    return model

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,7 @@ from ..config import ObjectiveConfig
 from ..data.arrays import Batch
 from ..data.images import patchify
 from .encoder import EncoderOutput, ItemModel
+from .losses import SAME_TEXT, contrastive_loss
 
 IGNORE = -100
 
@@ -35,6 +38,12 @@ class MaskedBatch:
     itm_labels: torch.Tensor  # (B,) 1 matched, 0 swapped, IGNORE when the row lacks a modality
     matched: torch.Tensor  # (B,) bool: rows whose image is their own (masked losses use these)
     has_text: torch.Tensor  # (B,) bool
+    # For view alignment (None without it): each row's own photo, its title alone, and the teacher
+    # embedding of its text.
+    own_images: torch.Tensor | None = None  # (B, S, S, 3) uint8
+    title_ids: torch.Tensor | None = None  # (B, Tt) [CLS] title [SEP], padded
+    title_mask: torch.Tensor | None = None  # (B, Tt) bool
+    teacher: torch.Tensor | None = None  # (B, D) float32, L2-normalised (zero without text)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -165,7 +174,7 @@ class PatchHead(nn.Module):
 class ItemObjectives(nn.Module):
     """Heads and losses of the enabled objectives; sums them with their weights."""
 
-    def __init__(self, model: ItemModel, cfg: ObjectiveConfig) -> None:
+    def __init__(self, model: ItemModel, cfg: ObjectiveConfig, teacher_dim: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         mc = model.cfg
@@ -182,6 +191,8 @@ class ItemObjectives(nn.Module):
             self.heads["mim"] = PatchHead(h, h, d_target, eps)
         if w["global_mim"] > 0:
             self.heads["global_mim"] = PatchHead(2 * h, h, d_target, eps)
+        if w["align"] > 0:
+            self.heads["align"] = AlignHead(h, teacher_dim or h)
 
     def global_word_logits(self, model: ItemModel, out: EncoderOutput, rows: torch.Tensor,
                            positions: torch.Tensor) -> torch.Tensor:
@@ -230,9 +241,72 @@ class ItemObjectives(nn.Module):
                     per_patch = F.mse_loss(pred.float(), targets[rows, patches], reduction="none").mean(-1)
                     losses["global_mim"] = per_patch.mean()
 
+        if "align" in self.heads and mb.teacher is not None:
+            losses.update(self.align_views(model, out, mb))
+
         weights = self.cfg.weights()
         losses["loss"] = sum((weights[k] * v for k, v in losses.items() if k in weights), torch.zeros(()))
         return losses
+
+    def align_views(self, model: ItemModel, out: EncoderOutput, mb: MaskedBatch) -> dict[str, torch.Tensor]:
+        """View alignment: InfoNCE between each view's [CLS] and the teacher embedding of the product's
+        text, over the batch's rows that have the view (listings with the same text are positives of
+        one another). Views: the product whole (the shared masked pass, its matched rows: masking is
+        the augmentation), its photo alone (``[CLS] [SEP]`` + clean patches, as a photo query is
+        encoded) and its title alone (no description, no image, as a title query is encoded)."""
+        head = self.heads["align"]
+        scale = head.scale()
+        terms: dict[str, torch.Tensor] = {}
+        texted = mb.has_text & (mb.teacher.abs().sum(1) > 0)
+        views = {"joint": (mb.matched & texted, lambda rows: model.pool(out)[rows]),
+                 "image": (texted & mb.has_image, lambda rows: photo_view(model, mb, rows)),
+                 "title": (texted, lambda rows: title_view(model, mb, rows))}
+        for name, (rows, embed) in views.items():
+            if int(rows.sum()) < 2:
+                continue
+            teacher = mb.teacher[rows]
+            same = (teacher @ teacher.T) >= SAME_TEXT
+            result = contrastive_loss(head(embed(rows)), teacher, scale, positives=same)
+            terms[f"align_{name}"] = result["loss"]
+            terms[f"align_{name}_acc"] = result["i2t_acc"]
+        if not terms:
+            return {}
+        losses = [v for k, v in terms.items() if not k.endswith("_acc")]
+        return {"align": sum(losses) / len(losses), **{k: v.detach() for k, v in terms.items()}}
+
+
+class AlignHead(nn.Module):
+    """View alignment's learned InfoNCE temperature (CLIP: starts at 0.07, 1 / temperature capped at 100)
+    and, only when [CLS] and the teacher differ in width (the tiny preset), a linear map between them:
+    with the minilm preset [CLS] itself is aligned, so all views share one space with no head between."""
+
+    def __init__(self, hidden: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.proj = nn.Linear(hidden, teacher_dim, bias=False) if hidden != teacher_dim else None
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        """(R, H) unit [CLS] vectors -> (R, D) unit vectors in the teacher's space."""
+        return cls if self.proj is None else F.normalize(self.proj(cls), dim=-1)
+
+
+def photo_view(model: ItemModel, mb: MaskedBatch, rows: torch.Tensor) -> torch.Tensor:
+    """(R, H) [CLS] of ``rows`` encoded as photo-only products: ``[CLS] [SEP]`` + their own clean photo."""
+    titles, mask = mb.title_ids[rows], mb.title_mask[rows]
+    sep = titles.gather(1, mask.sum(1, keepdim=True) - 1)  # every text ends in [SEP], even an empty one
+    ids = torch.cat([titles[:, :1], sep], dim=1)  # (R, 2): [CLS] [SEP]
+    out = model(ids, torch.ones_like(ids, dtype=torch.bool), mb.own_images[rows], mb.has_image[rows], None)
+    return model.pool(out)
+
+
+def title_view(model: ItemModel, mb: MaskedBatch, rows: torch.Tensor) -> torch.Tensor:
+    """(R, H) [CLS] of ``rows`` encoded as title-only products (their clean title, no image)."""
+    ids, mask = mb.title_ids[rows], mb.title_mask[rows]
+    keep = int(mask.sum(1).max())
+    return model.pool(model(ids[:, :keep], mask[:, :keep], None, None, None))
 
 
 def special_token_ids(tokenizer) -> list[int]:

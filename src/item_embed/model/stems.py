@@ -42,7 +42,12 @@ class ConvStem(nn.Module):
 
 
 def make_image_stem(cfg: ModelConfig) -> tuple[str, nn.Module]:
-    """(attribute name, module) of the stem ``cfg.image_stem`` asks for."""
+    """(attribute name, module) of the stem ``cfg`` asks for: a pretrained backbone, else ``image_stem``."""
+    if cfg.image_backbone:
+        from .backbone import BackboneStem
+
+        return "backbone_stem", BackboneStem(cfg.backbone_config, cfg.image_mean, cfg.image_std, cfg.image_size,
+                                             cfg.hidden_size)
     if cfg.image_stem == "linear":
         return "patch_embed", nn.Linear(cfg.patch_dim, cfg.hidden_size)
     return "conv_stem", ConvStem(cfg.patch_size, cfg.hidden_size)
@@ -52,13 +57,15 @@ def stem_patches(model: nn.Module, cfg: ModelConfig, images: torch.Tensor,
                  mim_mask: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> (B, N, H) through the stem ``make_image_stem`` put on ``model``.
 
-    A masked patch's pixels are blanked (mid grey) before the conv stem, whose convolutions cross
+    A masked patch's pixels are blanked (mid grey) before a conv stem or a backbone, which see across
     patch borders: otherwise its visible neighbours would carry the pixels MIM asks to rebuild."""
-    if cfg.image_stem == "linear":
+    if cfg.image_stem == "linear" and not cfg.image_backbone:
         return model.patch_embed(patchify(images.float().div(127.5).sub(1.0), cfg.patch_size))
     x = images.float()  # (B, S, S, 3) in [0, 255]
     if mim_mask is not None:
         g, p = cfg.image_size // cfg.patch_size, cfg.patch_size
         keep = (~mim_mask).reshape(-1, g, 1, g, 1, 1).expand(-1, g, p, g, p, 1).reshape(-1, g * p, g * p, 1)
         x = torch.where(keep, x, torch.full_like(x, 127.5))
+    if cfg.image_backbone:
+        return model.backbone_stem(x)
     return model.conv_stem(x.div(127.5).sub(1.0).permute(0, 3, 1, 2))

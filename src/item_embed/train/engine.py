@@ -142,12 +142,18 @@ class Task(nn.Module):
         raise NotImplementedError
 
     def starts_from_scratch(self, name: str) -> bool:
-        """Parameters outside a BERT encoder (MiniLM-initialised with the minilm preset) start from scratch."""
-        return "bert" not in name.split(".")
+        """Parameters outside a BERT encoder (MiniLM-initialised with the minilm preset) and a pretrained
+        image backbone start from scratch."""
+        parts = name.split(".")
+        return "bert" not in parts and "backbone" not in parts
 
     def logged_loss(self, last: dict[str, float]) -> float:
         """The total written to the log, from the averaged parts."""
         return last["loss"]
+
+    def diagnostics(self) -> dict[str, float]:
+        """Measurements logged beside the losses at every checkpoint (e.g. on held-out products)."""
+        return {}
 
 
 def param_groups(task: Task, weight_decay: float, new_lr_scale: float) -> list[dict]:
@@ -271,14 +277,16 @@ class Engine:
                 samples += n
                 self.elapsed = elapsed0 + time.perf_counter() - t0
                 end = self.budget.done(self.step, self.elapsed)
-                if metrics is not None and (self.step % self.cfg.log_every == 0 or end):
+                save = self.step % self.cfg.save_every == 0 or end
+                if metrics is not None and (self.step % self.cfg.log_every == 0 or save):
+                    extra = self._diagnostics() if save else {}
                     record = {"step": self.step, "lr": lr, "grad_norm": grad_norm,
-                              "elapsed": round(self.elapsed, 4), **last}
+                              "elapsed": round(self.elapsed, 4), **last, **extra}
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
                 bar.update(1)
-                if self.step % self.cfg.save_every == 0 or end:
+                if save:
                     self._checkpoint()
         finally:
             bar.close()
@@ -320,6 +328,15 @@ class Engine:
         if "loss" in last:
             last["loss"] = task.logged_loss(last)
         return last, float(grad_norm), len(batch)
+
+    def _diagnostics(self) -> dict[str, float]:
+        """The task's diagnostics, measured in eval mode without gradients; training mode is restored."""
+        self.task.eval()
+        try:
+            with torch.no_grad(), autocast(self.cfg.precision, self.device):
+                return self.task.diagnostics()
+        finally:
+            self.task.train()
 
     def _checkpoint(self) -> None:
         if self.run_dir is not None and self.ranks.main:
