@@ -128,7 +128,7 @@ def test_the_harness_evaluates_the_dual_encoder(dual_run, tiny_catalog):
     image = feat.embed(products, "image")
     np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-5)
     result = evaluate_featurizer(feat, products, group="group", labels=["category"])
-    assert set(result["retrieval"]) == {"joint", "image", "title", "image2image"}
+    assert set(result["retrieval"]) == {"joint", "image", "title", "image2image", "title2image"}
     for metrics in result["retrieval"].values():
         assert 0.0 <= metrics["R@1"] <= metrics["R@10"] <= 1.0 and metrics["queries"] > 0
     assert 0.0 <= result["probe"]["category"]["linear"]["accuracy"] <= 1.0

@@ -74,6 +74,13 @@ def open_catalog(a: argparse.Namespace) -> Catalog:
     return Catalog.open(a.catalog, cols, a.image_root, fetch=fetch)
 
 
+def catalog_label(location: str) -> str:
+    """How a run records where its catalog was: an absolute path, or a URI without credentials."""
+    from ..data.remote import is_uri, redact
+
+    return redact(location) if is_uri(location) else str(Path(location).resolve())
+
+
 def finish_report(report: CatalogReport, out_dir: Path, name: str) -> None:
     """Check that every row is accounted for, write the row report and print its summary."""
     report.check_accounting()

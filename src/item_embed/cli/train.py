@@ -14,8 +14,8 @@ import numpy as np
 from ..config import (IMAGE_STEMS, PRESETS, RECIPE_IMAGE_STEM, RECIPE_SHAPE_DIMS, ObjectiveConfig, TrainConfig,
                       parse_loss_weights)
 from ..runtime import is_main_process
-from .common import (add_catalog_args, add_command, add_device_arg, add_precision_arg, finish_report,
-                     load_training_data, model_config, open_catalog)
+from .common import (add_catalog_args, add_command, add_device_arg, add_precision_arg, catalog_label,
+                     finish_report, load_training_data, model_config, open_catalog)
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
@@ -46,7 +46,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     tokenizer = load_tokenizer()
     data, cfg, report = load_training_data(a, tokenizer)
     result = train(data, tokenizer, a.out, cfg, _train_config(a), objectives, warm=warm, heldout=a.heldout,
-                   resume=a.resume, progress=not a.no_progress, device=a.device, extra={"catalog": str(a.catalog)})
+                   resume=a.resume, progress=not a.no_progress, device=a.device, extra={"catalog": catalog_label(a.catalog)})
     if is_main_process():
         _print_result(result, Path(a.out), "model", report)
     return 0
@@ -61,7 +61,7 @@ def cmd_train_dual(a: argparse.Namespace) -> int:
     data, cfg, report = load_training_data(a, tokenizer)
     result = train_dual(data, tokenizer, a.out, cfg, _train_config(a), DualConfig(embed_dim=a.embed_dim),
                         resume=a.resume, progress=not a.no_progress, device=a.device,
-                        extra={"catalog": str(a.catalog)})
+                        extra={"catalog": catalog_label(a.catalog)})
     _print_result(result, Path(a.out), "dual encoder", report)
     return 0
 
@@ -77,7 +77,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     chunks = open_catalog(a).iter_chunks(cfg.image_size, use_description=cfg.use_description, strict=a.strict,
                                          report=report)
     n = write_cache(chunks, a.out, load_tokenizer(), cfg.image_size, cfg.max_text_len,
-                    extra={"use_description": cfg.use_description, "catalog": str(Path(a.catalog).resolve())})
+                    extra={"use_description": cfg.use_description, "catalog": catalog_label(a.catalog)})
     print(f"cached {n} products at {cfg.image_size}px, {cfg.max_text_len} tokens in "
           f"{time.perf_counter() - t0:.1f}s -> {a.out}")
     finish_report(report, Path(a.out), "catalog_report.json")
@@ -145,7 +145,7 @@ def cmd_fit_shape(a: argparse.Namespace) -> int:
         raise ValueError(f"{a.catalog}: every photo has the same shape descriptor; nothing to fit")
     kept = {k: v for k, v in config.items() if k not in ("format", "model", "config_hash", "weights_sha256")}
     save_model(out, model.eval(), load_tokenizer(src),
-               {**kept, "shape_slice": {"from_model": str(src), "catalog": str(a.catalog), "photos": photos}})
+               {**kept, "shape_slice": {"from_model": str(src), "catalog": catalog_label(a.catalog), "photos": photos}})
     print(f"shape slice of {cfg.shape_dims} dims (weight {cfg.shape_weight:g}) fitted on {photos} photos in "
           f"{time.perf_counter() - t0:.1f}s; embeddings have {cfg.embedding_dim} dims")
     print(f"model: {out}")

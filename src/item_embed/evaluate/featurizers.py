@@ -48,7 +48,7 @@ class RawProducts:
     descriptions: list[str | None]  # all None when the catalog has no description column
     images: list[Any]  # raw image values (bytes, path or PIL image), None where absent
     frame: pd.DataFrame
-    image_root: Path | None = None
+    image_root: str | Path | None = None  # a folder, or a URI (kept as given: a Path would fold "s3://")
     has_description: bool = False  # whether the catalog has a description column at all
     key: int = field(default_factory=lambda: next(_KEYS))  # identity for featurizers' caches
 
@@ -116,7 +116,7 @@ class RawProducts:
         rest = frame.drop(columns=[c.image] if c.image in frame else []).reset_index(drop=True)
         return cls([str(x) for x in frame[c.id].tolist()], [clean_text(t) for t in col(c.title)],
                    [clean_text(d) for d in col(c.description)], images, rest,
-                   Path(image_root) if image_root is not None else None, c.description in frame)
+                   image_root, c.description in frame)
 
     @classmethod
     def from_catalog(cls, catalog, strict: bool = False, report=None) -> "RawProducts":

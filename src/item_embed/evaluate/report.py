@@ -483,20 +483,19 @@ def render_html(title: str, header: str, sections: list[tuple[str, str]]) -> str
 
 def _catalog_images(catalog: str | Path | None, ids: Sequence[str], id_column: str, image_column: str,
                     image_root: str | Path | None) -> tuple[dict[str, Any], Path | None]:
-    """id -> raw image value from the catalog file, and the root that relative paths start from."""
-    from ..data.catalog import read_table
+    """id -> raw image value from the catalog (a file or a URI), and the root relative paths start from."""
+    from ..data.catalog import Catalog, Columns
 
     if catalog is None:
         return {}, None
-    path = Path(catalog)
-    frame = read_table(path)
+    opened = Catalog.open(catalog, Columns(id=id_column, image=image_column), image_root,
+                          read_columns=[id_column, image_column])
+    frame = opened.frame
     if id_column not in frame or image_column not in frame:
-        raise ValueError(f"catalog {path} needs columns {id_column!r} and {image_column!r} for the pictures")
-    wanted = set(ids)
+        raise ValueError(f"catalog {catalog} needs columns {id_column!r} and {image_column!r} for the pictures")
     keys = frame[id_column].astype(str)
-    pick = frame.loc[keys.isin(wanted), [id_column, image_column]]
-    root = Path(image_root) if image_root is not None else path.resolve().parent
-    return dict(zip(pick[id_column].astype(str), pick[image_column])), root
+    pick = frame.loc[keys.isin(set(ids)), [id_column, image_column]]
+    return dict(zip(pick[id_column].astype(str), pick[image_column])), opened.image_root
 
 
 def _load_encoder(run_dir: str | Path):
