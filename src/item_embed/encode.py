@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -59,8 +60,13 @@ class ItemEncoder:
         self.runner = self.model if self.precision == "fp32" else _bf16_copy(self.model)
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, device: str | None = None, precision: str = "auto") -> "ItemEncoder":
+    def from_pretrained(cls, run_dir: str | Path, device: str | None = None, precision: str = "auto",
+                        shape_slice: bool = True) -> "ItemEncoder":
+        """The model of ``run_dir``; ``shape_slice=False`` embeds with its [CLS] alone (the transformer's
+        own embedding, without the hand-made HOG part; another model id)."""
         model, config = load_model(Path(run_dir))
+        if not shape_slice and model.shape is not None:
+            model.cfg, model.shape = dataclasses.replace(model.cfg, shape_dims=0), None
         return cls(model, load_tokenizer(run_dir), config, device, precision)
 
     @property

@@ -225,3 +225,16 @@ def test_probes_on_photo_only_embeddings_read_the_image_mode_of_products_with_a_
     assert res["probe"]["cat"]["linear"]["accuracy"] < 0.9
     with pytest.raises(ValueError, match="unknown mode"):
         evaluate_featurizer(fake, _products(n, cat=labels), labels=["cat"], modes=[], probe_modes=["title"])
+
+
+def test_item_cls_featurizer_is_the_model_without_its_shape_slice(tiny_run, tiny_products):
+    from item_embed.evaluate.featurizers import load_featurizer
+
+    whole = load_featurizer(f"item:{tiny_run}", device="cpu", precision="fp32")
+    cls = load_featurizer(f"item-cls:{tiny_run}", device="cpu", precision="fp32")
+    assert cls.name == f"item-cls:{tiny_run.name}" and cls.encoder.dim == whole.encoder.cfg.hidden_size
+    assert cls.encoder.model_id != whole.encoder.model_id
+    a, b = whole.embed(tiny_products, "title"), cls.embed(tiny_products, "title")
+    # A title-only product has no shape part: its [CLS] part is the whole embedding, renormalised.
+    np.testing.assert_allclose(a[:, : b.shape[1]] / np.linalg.norm(a[:, : b.shape[1]], axis=1, keepdims=True), b,
+                               atol=1e-5)

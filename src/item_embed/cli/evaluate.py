@@ -147,7 +147,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--model", help="ITEm run folder: evaluate it on CATALOG")
     v.add_argument("--baselines", help="comma-separated: tfidf,minilm,minilm_title,pixels16,phash,fusion,hog,fusion_hog")
     v.add_argument("--featurizer", action="append", metavar="KIND:DIR",
-                   help="another model to compare, item:RUN_DIR or dual:DIR (repeatable)")
+                   help="another model to compare: item:RUN_DIR, item-cls:RUN_DIR (its [CLS] alone, without the "
+                        "shape slice) or dual:DIR (repeatable)")
     v.add_argument("--modes", help="retrieval query modes (default joint,image,title,image2image,title2image; "
                                    "without --group only title2image, whose products are their own groups)")
     v.add_argument("--probe-modes", default="joint",

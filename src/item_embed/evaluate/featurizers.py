@@ -202,10 +202,11 @@ class EncoderFeaturizer(CachedFeaturizer):
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, name: str = "item", device: str | None = None,
-                        batch_size: int = 64, progress: bool = False, precision: str = "auto") -> "EncoderFeaturizer":
+                        batch_size: int = 64, progress: bool = False, precision: str = "auto",
+                        shape_slice: bool = True) -> "EncoderFeaturizer":
         from ..encode import ItemEncoder
 
-        encoder = ItemEncoder.from_pretrained(run_dir, device=device, precision=precision)
+        encoder = ItemEncoder.from_pretrained(run_dir, device=device, precision=precision, shape_slice=shape_slice)
         return cls(encoder, name, batch_size, progress=progress)
 
     @property
@@ -271,17 +272,18 @@ class EncoderFeaturizer(CachedFeaturizer):
 
 def load_featurizer(spec: str, device: str | None = None, batch_size: int = 64,
                     progress: bool = False, precision: str = "auto") -> Featurizer:
-    """A featurizer from ``KIND:DIR``: ``item:RUN_DIR`` (an ITEm run) or ``dual:DIR`` (the dual
-    encoder). Named ``KIND:<folder name>``."""
+    """A featurizer from ``KIND:DIR``: ``item:RUN_DIR`` (an ITEm run), ``item-cls:RUN_DIR`` (its [CLS] alone,
+    without the shape slice) or ``dual:DIR`` (the dual encoder). Named ``KIND:<folder name>``."""
     kind, sep, path = spec.partition(":")
     if not sep or not path:
         raise ValueError(f"featurizer {spec!r}: expected KIND:DIR, e.g. item:runs/a or dual:runs/b")
     name = f"{kind}:{Path(path).name}"
-    if kind == "item":
-        return EncoderFeaturizer.from_pretrained(path, name, device, batch_size, progress, precision)
+    if kind in ("item", "item-cls"):
+        return EncoderFeaturizer.from_pretrained(path, name, device, batch_size, progress, precision,
+                                                 shape_slice=kind == "item")
     if kind == "dual":
         from .dual import DualEncoder
 
         encoder = DualEncoder.from_pretrained(path, device=device, precision=precision)
         return EncoderFeaturizer(encoder, name, batch_size, pass_mode=True, progress=progress)
-    raise ValueError(f"featurizer {spec!r}: unknown kind {kind!r} (item, dual)")
+    raise ValueError(f"featurizer {spec!r}: unknown kind {kind!r} (item, item-cls, dual)")
