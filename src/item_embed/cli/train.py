@@ -213,9 +213,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     adv.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (less memory)")
     adv.add_argument("--itm-hard", type=float, default=0.0,
                      help="share of ITM's swapped photos taken from mined hard negatives (needs the warm start)")
-    adv.add_argument("--heldout", type=int, default=0,
+    adv.add_argument("--heldout", type=int, default=-1,
                      help="products kept out of training, on which image-text matching is measured at every "
-                          "checkpoint (heldout_itm_acc in metrics.jsonl)")
+                          "checkpoint (heldout_itm_acc in metrics.jsonl; default -1: 2%% of them, at most 1,000; "
+                          "0: none)")
     warm = t.add_argument_group("image warm start (the stem alone, before ITEm)")
     warm.add_argument("--warm-start-epochs", type=float, default=0.0,
                       help="epochs of the image stem aligned alone with the MiniLM embedding of each photo's "

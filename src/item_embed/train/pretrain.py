@@ -112,10 +112,16 @@ def heldout_itm_accuracy(task: Pretraining, batch_size: int = 64) -> float:
     return hits / total
 
 
+AUTO_HELDOUT = -1  # hold out 2% of the products with a photo and a title, at most HELDOUT_PAIRS / 2
+
+
 def heldout_rows(data: ProductArrays, n: int) -> np.ndarray:
-    """``n`` products with a photo and a title, chosen by a hash of their ids (stable across runs and
-    machines), kept out of training for the held-out ITM measurement."""
+    """``n`` products with a photo and a title (``AUTO_HELDOUT``: 2% of them, at most 1,000), chosen by a
+    hash of their ids (stable across runs and machines), kept out of training for the held-out ITM
+    measurement; none when the catalog has fewer than 4n such products."""
     both = np.flatnonzero(data.has_image & data.has_text)
+    if n == AUTO_HELDOUT:
+        n = min(HELDOUT_PAIRS // 2, len(both) // 50)
     if n <= 0 or len(both) < 4 * n:
         return np.zeros(0, dtype=np.int64)
     order = sorted(both, key=lambda r: hashlib.sha256(data.ids[r].encode()).hexdigest())
