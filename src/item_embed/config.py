@@ -18,6 +18,8 @@ IMAGE_STEMS = ("linear", "conv_channelnorm")
 RECIPE_IMAGE_STEM = "conv_channelnorm"
 # The shape slice of the recipe (model.shape): 256 whitened HOG coordinates beside [CLS].
 RECIPE_SHAPE_DIMS = 256
+# The weight of an aligned model's photo-only [CLS] beside the shape slice (ModelConfig.photo_cls).
+RECIPE_PHOTO_CLS = 0.05
 RETIRED_TAG = "ablations-2026-11"  # git tag holding the code of every retired option
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -51,9 +53,11 @@ class ModelConfig:
     # ``shape_weight`` (0 dims = none). It is what answers photo-only queries.
     shape_dims: int = 0
     shape_weight: float = 0.1
-    # Whether the photo-only [CLS] carries the product (trained by view alignment): photo-only
-    # embeddings then keep it; without, a photo-only product is its shape slice alone.
-    photo_cls: bool = False
+    # Weight of the [CLS] part in the embedding of a photo-only product, beside the shape slice. 0: a
+    # photo-only product is its shape slice alone (its [CLS] carries nothing without view alignment).
+    # Small: photo queries rank products by shape first and the learned [CLS] second, while titles still
+    # find photos by [CLS] alone (their shape part is zero). No effect without a shape slice.
+    photo_cls: float = 0.0
     # A pretrained transformers vision model as the image stem (model.backbone), in place of
     # ``image_stem``: its name or folder, its config (to rebuild it), its pixel statistics.
     image_backbone: str = ""
@@ -82,6 +86,8 @@ class ModelConfig:
         if self.shape_dims and self.patch_size % 2:
             raise ValueError(f"the shape slice splits a patch into 2x2 cells: patch_size {self.patch_size} must be "
                              "even (or use --shape-dims 0)")
+        if not 0 <= self.photo_cls <= 1:
+            raise ValueError(f"photo_cls must be in [0, 1], not {self.photo_cls}")
         if self.shape_dims and not 0 < self.shape_weight <= 10:
             raise ValueError(f"shape_weight must be in (0, 10], not {self.shape_weight}")
 

@@ -140,9 +140,9 @@ class ItemModel(nn.Module):
                           has_image: torch.Tensor) -> torch.Tensor:
         """(B, cfg.embedding_dim) L2-normalised: ``pool(out)`` and, with a shape slice, the photo's
         shape part at ``cfg.shape_weight`` (model.shape). Once the slice is fitted, a row without
-        text drops its [CLS] part unless ``cfg.photo_cls``: without view alignment a title-less [CLS]
-        carries no product identity (every photo-only [CLS] is the same vector), only a bias towards
-        products whose titles look empty."""
+        text keeps its [CLS] part at weight ``cfg.photo_cls`` only: without view alignment a title-less
+        [CLS] carries no product identity (every photo-only [CLS] is the same vector), only a bias
+        towards products whose titles look empty."""
         v = self.pool(out)
         if self.shape is None:
             return v
@@ -150,8 +150,8 @@ class ItemModel(nn.Module):
             s = v.new_zeros(v.shape[0], self.cfg.shape_dims)
         else:
             s = self.shape(images, has_image)
-        if self.shape.fitted and not self.cfg.photo_cls:
-            v = v * has_text.to(v.dtype).unsqueeze(1)
+        if self.shape.fitted:
+            v = v * torch.where(has_text, 1.0, self.cfg.photo_cls).to(v.dtype).unsqueeze(1)
         return F.normalize(torch.cat([v, self.cfg.shape_weight * s], dim=1), dim=-1)
 
 

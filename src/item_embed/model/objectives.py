@@ -44,6 +44,7 @@ class MaskedBatch:
     title_ids: torch.Tensor | None = None  # (B, Tt) [CLS] title [SEP], padded
     title_mask: torch.Tensor | None = None  # (B, Tt) bool
     teacher: torch.Tensor | None = None  # (B, D) float32, L2-normalised (zero without text)
+    teacher_title: torch.Tensor | None = None  # (B, D) the same of the title alone
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -249,22 +250,24 @@ class ItemObjectives(nn.Module):
         return losses
 
     def align_views(self, model: ItemModel, out: EncoderOutput, mb: MaskedBatch) -> dict[str, torch.Tensor]:
-        """View alignment: InfoNCE between each view's [CLS] and the teacher embedding of the product's
-        text, over the batch's rows that have the view (listings with the same text are positives of
-        one another). Views: the product whole (the shared masked pass, its matched rows: masking is
-        the augmentation), its photo alone (``[CLS] [SEP]`` + clean patches, as a photo query is
-        encoded) and its title alone (no description, no image, as a title query is encoded)."""
+        """View alignment: InfoNCE between each view's [CLS] and a teacher embedding, over the batch's
+        rows that have the view (listings with the same text are positives of one another). Views: the
+        product whole (the shared masked pass, its matched rows: masking is the augmentation) and its
+        photo alone (``[CLS] [SEP]`` + clean patches, as a photo query is encoded), both towards the
+        teacher of the product's text; its title alone (no description, no image, as a title query is
+        encoded) towards the teacher of its title, so a title keeps what MiniLM makes of it."""
         head = self.heads["align"]
         scale = head.scale()
         terms: dict[str, torch.Tensor] = {}
         texted = mb.has_text & (mb.teacher.abs().sum(1) > 0)
-        views = {"joint": (mb.matched & texted, lambda rows: model.pool(out)[rows]),
-                 "image": (texted & mb.has_image, lambda rows: photo_view(model, mb, rows)),
-                 "title": (texted, lambda rows: title_view(model, mb, rows))}
-        for name, (rows, embed) in views.items():
+        title_teacher = mb.teacher if mb.teacher_title is None else mb.teacher_title
+        views = {"joint": (mb.matched & texted, lambda rows: model.pool(out)[rows], mb.teacher),
+                 "image": (texted & mb.has_image, lambda rows: photo_view(model, mb, rows), mb.teacher),
+                 "title": (texted, lambda rows: title_view(model, mb, rows), title_teacher)}
+        for name, (rows, embed, targets) in views.items():
             if int(rows.sum()) < 2:
                 continue
-            teacher = mb.teacher[rows]
+            teacher = targets[rows]
             same = (teacher @ teacher.T) >= SAME_TEXT
             result = contrastive_loss(head(embed(rows)), teacher, scale, positives=same)
             terms[f"align_{name}"] = result["loss"]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import save_model
-from ..config import ITEM_NEW_LR_SCALE, ModelConfig, ObjectiveConfig, TrainConfig
+from ..config import ITEM_NEW_LR_SCALE, RECIPE_PHOTO_CLS, ModelConfig, ObjectiveConfig, TrainConfig
 from ..data.arrays import ProductArrays
 from ..model.encoder import ItemModel, build_model
 from ..model.objectives import ItemObjectives, MaskedBatch, mask_batch, special_token_ids
@@ -29,7 +29,8 @@ class Pretraining(Task):
 
     A step's batch is swapped and masked as a whole (``mask_batch``), before it is cut into ranks'
     and micro-batches' shares, so a run's data and masking do not depend on the number of processes.
-    ``teacher`` (n, D): the frozen text embeddings view alignment pulls towards; ``hard`` (n, k): each
+    ``teacher`` (n, D): the frozen text embeddings view alignment pulls towards (``teacher_title``: of the
+    titles alone, for the title view); ``hard`` (n, k): each
     product's mined hard ITM negatives (-1: none); ``heldout``: rows kept out of training, on which
     image-text matching is measured at every checkpoint.
     """
@@ -39,12 +40,13 @@ class Pretraining(Task):
 
     def __init__(self, model: ItemModel, objectives: ItemObjectives, data: ProductArrays, tokenizer,
                  teacher: np.ndarray | None = None, hard: np.ndarray | None = None,
-                 heldout: np.ndarray | None = None) -> None:
+                 heldout: np.ndarray | None = None, teacher_title: np.ndarray | None = None) -> None:
         super().__init__()
         self.model, self.objectives = model, objectives
         self.data = data
         self.specials, self.mask_id = special_token_ids(tokenizer), tokenizer.mask_token_id
         self.teacher = None if teacher is None else torch.from_numpy(teacher)
+        self.teacher_title = None if teacher_title is None else torch.from_numpy(teacher_title)
         self.hard = hard
         self.heldout = np.zeros(0, dtype=np.int64) if heldout is None else heldout
         self.rows = np.setdiff1d(np.arange(len(data)), self.heldout)
@@ -63,6 +65,8 @@ class Pretraining(Task):
             title = self.data.batch(idx, title_only=True)
             mb.own_images, mb.title_ids, mb.title_mask = b.images, title.input_ids, title.text_mask
             mb.teacher = self.teacher[torch.from_numpy(idx)]
+            if self.teacher_title is not None:
+                mb.teacher_title = self.teacher_title[torch.from_numpy(idx)]
         if self.hard is not None and self.objectives.cfg.itm_hard > 0:
             self._swap_in_hard_negatives(mb, idx, g)
         return mb
@@ -149,8 +153,8 @@ def train(data: ProductArrays, tokenizer, run_dir: str | Path, model_cfg: ModelC
         raise ValueError(f"need at least 2 usable products to train, got {len(data)}")
     cfg = resolve(cfg, dev, ITEM_NEW_LR_SCALE)
     objectives = objectives or ObjectiveConfig()
-    if objectives.align > 0:  # the photo-only [CLS] is trained: photo-only embeddings keep it
-        model_cfg = dataclasses.replace(model_cfg, photo_cls=True)
+    if objectives.align > 0 and not model_cfg.photo_cls:  # the photo-only [CLS] is trained: embeddings keep it
+        model_cfg = dataclasses.replace(model_cfg, photo_cls=RECIPE_PHOTO_CLS)
     ckpt = resume_point(run_dir, resume, log)
     if ckpt is not None:
         meta = ckpt.meta
@@ -163,8 +167,9 @@ def train(data: ProductArrays, tokenizer, run_dir: str | Path, model_cfg: ModelC
     held = heldout_rows(data, heldout)
     model = build_model(model_cfg, cfg.seed)
     teacher, hard = _prepare(data, run_dir, model, objectives, warm, held, progress, device, log)
+    titles = cached_teacher(data, run_dir / "warmstart", log, title_only=True) if objectives.align > 0 else None
     heads = ItemObjectives(model, objectives, teacher.shape[1] if teacher is not None else None)
-    task = Pretraining(model, heads, data, tokenizer, teacher, hard, held)
+    task = Pretraining(model, heads, data, tokenizer, teacher, hard, held, titles)
     engine = Engine(task, cfg, run_dir, ranks=ranks, device=dev, ckpt=ckpt, progress=progress, log=log,
                     meta={"model": model_cfg.to_dict(), "objectives": objectives.to_dict(), "heldout": heldout},
                     data_id=fingerprint(data.ids))

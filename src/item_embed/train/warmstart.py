@@ -11,6 +11,7 @@ view-alignment objective and for mining hard ITM negatives.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from ..runtime import autocast, pick_device, setup_distributed
 from .engine import Engine, Task, TrainResult, fingerprint, resolve, resume_point
 
 TEACHER_FILE = "teacher.npy"
+TITLE_TEACHER_FILE = "teacher_title.npy"
 STATE_FILE = "image_alignment.safetensors"  # the stem (what ITEm keeps) and the warm start's head
 HARD_FILE = "hard_negatives.npy"
 DONE_FILE = "done.json"
@@ -138,7 +140,9 @@ def warm_start(data: ProductArrays, run_dir: str | Path, model_cfg: ModelConfig,
     ranks, dev = setup_distributed(device)
     cfg = resolve(cfg, dev, 1.0)
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
-    key = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": fingerprint([data.ids[r] for r in rows])}
+    # What the stem depends on: not how the final embedding weighs [CLS] or a shape slice.
+    stem_cfg = dataclasses.replace(model_cfg, photo_cls=0.0, shape_dims=0, shape_weight=0.1)
+    key = {"model": stem_cfg.to_dict(), "train": cfg.to_dict(), "data": fingerprint([data.ids[r] for r in rows])}
     done = run_dir / DONE_FILE
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
         log(f"image warm start: reusing {run_dir}")
@@ -166,15 +170,18 @@ def warm_start(data: ProductArrays, run_dir: str | Path, model_cfg: ModelConfig,
     return run_dir
 
 
-def cached_teacher(data: ProductArrays, run_dir: Path, log: Callable[[str], None]) -> np.ndarray:
-    """The teacher embeddings of ``data``, computed once per catalog and kept in ``run_dir``."""
+def cached_teacher(data: ProductArrays, run_dir: Path, log: Callable[[str], None],
+                   title_only: bool = False) -> np.ndarray:
+    """The teacher embeddings of ``data``'s texts (or titles alone), computed once per catalog and kept
+    in ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     data_id = fingerprint(data.ids)
-    path, stamp = run_dir / TEACHER_FILE, run_dir / (TEACHER_FILE + ".json")
+    path = run_dir / (TITLE_TEACHER_FILE if title_only else TEACHER_FILE)
+    stamp = path.with_name(path.name + ".json")
     if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("data") == data_id:
         return np.load(path)
-    log(f"teacher: MiniLM embeddings of {int(data.has_text.sum())} product texts")
-    teacher = teacher_embeddings(data)
+    log(f"teacher: MiniLM embeddings of {int(data.has_text.sum())} product {'titles' if title_only else 'texts'}")
+    teacher = teacher_embeddings(data, title_only=title_only)
     np.save(path, teacher)
     stamp.write_text(json.dumps({"data": data_id}))
     return teacher
