@@ -70,7 +70,7 @@ def save_folder_atomic(final: Path, tensors: dict[str, dict[str, torch.Tensor]],
     tmp.mkdir(parents=True)
     for name, group in tensors.items():
         save_file(_contiguous(group), str(tmp / f"{name}.safetensors"))
-        _fault_point(f"mid-write:{final.name}")
+        fault_point(f"mid-write:{final.name}")
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     sums = {}
     for p in sorted(tmp.iterdir()):
@@ -85,7 +85,7 @@ def save_folder_atomic(final: Path, tensors: dict[str, dict[str, torch.Tensor]],
     return final
 
 
-def _fault_point(tag: str) -> None:
+def fault_point(tag: str) -> None:
     """Crash tests: ITEM_EMBED_FAULT=<tag> kills this process here, as a power cut would."""
     if os.environ.get("ITEM_EMBED_FAULT") == tag:
         os.kill(os.getpid(), signal.SIGKILL)

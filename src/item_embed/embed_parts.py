@@ -31,9 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .checkpoint import _fault_point, sha256_file, write_json_atomic
+from .checkpoint import fault_point, sha256_file, write_json_atomic
 from .data.catalog import Catalog, CatalogReport, Problem
-from .data.tables import FileTable
 
 MANIFEST = "manifest.json"
 FORMAT = "item-embed-embeddings/1"
@@ -51,30 +50,10 @@ def record_path(folder: Path, index: int) -> Path:
 def fingerprint(catalog: Catalog, encoder, batch_size: int, part_rows: int, world: int) -> dict[str, Any]:
     """What must match for a rerun to continue an unfinished output (else its parts would differ)."""
     c = catalog.columns
-    table = catalog._table
-    version = None
-    if isinstance(table, FileTable) and table.path is not None:
-        st = table.path.stat()  # a catalog edited since the crash must not be continued from
-        version = f"{st.st_size}:{st.st_mtime_ns}"
-    return {"model_id": encoder.model_id, "precision": encoder.precision, "catalog": catalog_location(catalog),
-            "catalog_version": version, "image_root": root_location(catalog),
+    return {"model_id": encoder.model_id, "precision": encoder.precision, "catalog": catalog.location,
+            "catalog_version": catalog.version, "image_root": catalog.root_location,
             "columns": [c.id, c.title, c.image, c.description], "batch_size": batch_size, "part_rows": part_rows,
             "world_size": world}
-
-
-def catalog_location(catalog: Catalog) -> str:
-    """The catalog as recorded in outputs: an absolute path, or the (redacted) URI or shard pattern."""
-    table = catalog._table
-    if isinstance(table, FileTable) and table.path is not None:
-        return str(table.path.resolve())
-    if table is None and catalog.source != "<frame>" and Path(catalog.source).exists():
-        return str(Path(catalog.source).resolve())
-    return catalog.source
-
-
-def root_location(catalog: Catalog) -> str:
-    root = catalog.image_root
-    return root if isinstance(root, str) else str(Path(root).resolve())
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -193,7 +172,7 @@ class _PartWriter:
         """Every row of [row_start, row_stop) is a product here or one of ``problems``."""
         name = part_name(self.index)
         written = self.stream.commit()
-        _fault_point(f"after-part-file:{name}")
+        fault_point(f"after-part-file:{name}")
         entries = CatalogReport(problems=problems).to_dict()["problems"]
         record = {"part": self.index, "row_start": self.row_start, "row_stop": row_stop,
                   "count": self.stream.rows, "file": name if written else None,
@@ -218,7 +197,7 @@ def embed_share(catalog: Catalog, encoder, folder: Path, rank: int, world: int, 
     n = catalog.known_len() if world == 1 else len(catalog)
     lo, hi, first = spans(n, world, part_rows)[rank]
     report = CatalogReport(source=catalog.source)
-    seen = catalog._first_rows_by_id(lo) if lo > 0 else {}
+    seen = catalog.first_rows_by_id(lo) if lo > 0 else {}
     records: list[dict[str, Any]] = []
     start = lo
     while hi is None or start < hi:  # the committed prefix of this share

@@ -63,7 +63,6 @@ class ParquetStream:
 
 def embedding_metadata(encoder: ItemEncoder, catalog: Catalog) -> dict[bytes, bytes]:
     """The ``item_embed.*`` schema metadata of an embedding file: which model, precision and catalog."""
-    from .embed_parts import catalog_location, root_location
 
     return {
         b"item_embed.model_id": encoder.model_id.encode(),
@@ -72,8 +71,8 @@ def embedding_metadata(encoder: ItemEncoder, catalog: Catalog) -> dict[bytes, by
         b"item_embed.precision": encoder.precision.encode(),
         # Where the products came from, so that search results can show their images later
         # (a path, or a URI without credentials or query string).
-        b"item_embed.catalog": catalog_location(catalog).encode(),
-        b"item_embed.image_root": root_location(catalog).encode(),
+        b"item_embed.catalog": catalog.location.encode(),
+        b"item_embed.image_root": catalog.root_location.encode(),
     }
 
 

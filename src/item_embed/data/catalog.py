@@ -245,6 +245,30 @@ class Catalog:
         return self._frame
 
     @property
+    def location(self) -> str:
+        """Where the catalog is, as outputs record it: an absolute path, or the (redacted) URI or shard pattern."""
+        if isinstance(self._table, FileTable) and self._table.path is not None:
+            return str(self._table.path.resolve())
+        if self._table is None and self.source != "<frame>" and Path(self.source).exists():
+            return str(Path(self.source).resolve())
+        return self.source
+
+    @property
+    def root_location(self) -> str:
+        """The image root as outputs record it: an absolute folder, or a URI."""
+        root = self.image_root
+        return root if isinstance(root, str) else str(Path(root).resolve())
+
+    @property
+    def version(self) -> str | None:
+        """Size and modification time of a local catalog file (None elsewhere): a resumed output refuses a
+        catalog edited since the run began."""
+        if isinstance(self._table, FileTable) and self._table.path is not None:
+            st = self._table.path.stat()
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        return None
+
+    @property
     def column_names(self) -> list[str]:
         if self._frame is not None:
             return [c for c in self._frame.columns if c != PROBLEM]
@@ -335,7 +359,7 @@ class Catalog:
             rank, world = shard
             bounds = np.linspace(0, len(self), world + 1).round().astype(int)
             span = (int(bounds[rank]), int(bounds[rank + 1]))
-            seen = self._first_rows_by_id(span[0])
+            seen = self.first_rows_by_id(span[0])
         limits = limits or ImageLimits()
         decode = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
         fetch: list[ThreadPoolExecutor] = []  # started on the first remote image
@@ -407,7 +431,7 @@ class Catalog:
             out.append(item)
         return part, out
 
-    def _first_rows_by_id(self, before: int) -> dict[str, int]:
+    def first_rows_by_id(self, before: int) -> dict[str, int]:
         """First row of every id among rows [0, before): what an earlier shard has claimed."""
         first: dict[str, int] = {}
         for row, raw in enumerate(self._id_values()[:before]):
