@@ -80,7 +80,7 @@ class Pretraining(Task):
             pool = pool[pool >= 0]
             if len(pool):
                 donor = int(pool[torch.randint(len(pool), (1,), generator=g)])
-                mb.images[r] = torch.from_numpy(np.asarray(self.data.images[donor]))
+                mb.images[r] = torch.from_numpy(np.array(self.data.images[donor]))  # a copy: the cache is read-only
 
     def forward(self, mb: MaskedBatch) -> dict[str, torch.Tensor]:
         out = self.model(mb.input_ids, mb.text_mask, mb.images, mb.has_image, mb.mim_mask)
