@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import (IMAGE_STEMS, PRESETS, RECIPE_IMAGE_STEM, RECIPE_SHAPE_DIMS, ObjectiveConfig, TrainConfig,
-                      parse_loss_weights)
+                      parse_loss_weights, warm_start_config)
 from ..runtime import is_main_process
 from .common import (add_catalog_args, add_command, add_device_arg, add_precision_arg, catalog_label,
                      finish_report, load_training_data, model_config, open_catalog)
@@ -37,12 +37,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     from ..train.pretrain import train
 
     weights = parse_loss_weights(a.loss_weights) if a.loss_weights else {}
-    objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio,
-                                 itm_negative_ratio=a.itm_negatives, itm_hard=a.itm_hard)
     warm = None
     if a.warm_start_epochs > 0:
-        warm = TrainConfig(epochs=a.warm_start_epochs, batch_size=a.warm_start_batch_size, lr=a.warm_start_lr,
-                           seed=a.seed, precision=a.precision, save_every=a.save_every, new_lr_scale=1.0)
+        warm = warm_start_config(a.warm_start_epochs, a.warm_start_batch_size, a.warm_start_lr, a.seed, a.precision,
+                                 a.save_every)
+    objectives = ObjectiveConfig(**weights, mlm_prob=a.mlm_prob, mim_ratio=a.mim_ratio,
+                                 itm_negative_ratio=a.itm_negatives, itm_hard=a.itm_hard)
     tokenizer = load_tokenizer()
     data, cfg, report = load_training_data(a, tokenizer)
     result = train(data, tokenizer, a.out, cfg, _train_config(a), objectives, warm=warm, heldout=a.heldout,
@@ -202,7 +202,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     adv = t.add_argument_group("advanced")
     _add_advanced_args(adv, "10")
     adv.add_argument("--loss-weights", help="objective weights, e.g. itm=1,mlm=1,mim=1,global_mlm=0.25,"
-                                            "global_mim=0.25 (the defaults; 0 turns one off; unnamed ones keep theirs)")
+                                            "global_mim=0.25,align=1 (the defaults; align: the whole product and its "
+                                            "title alone pulled towards MiniLM's embedding of its text and title; 0 "
+                                            "turns one off; unnamed ones keep theirs)")
     adv.add_argument("--mlm-prob", type=float, default=ObjectiveConfig.mlm_prob, help="share of title tokens masked")
     adv.add_argument("--mim-ratio", type=float, default=ObjectiveConfig.mim_ratio, help="share of patches masked")
     adv.add_argument("--itm-negatives", type=float, default=ObjectiveConfig.itm_negative_ratio,
@@ -211,18 +213,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="weight of the shape coordinates beside the unit [CLS] (small: products and title "
                           "queries rank by [CLS]; photo queries rank by shape at any weight)")
     adv.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (less memory)")
-    adv.add_argument("--itm-hard", type=float, default=0.0,
-                     help="share of ITM's swapped photos taken from mined hard negatives (needs the warm start)")
+    adv.add_argument("--itm-hard", type=float, default=ObjectiveConfig.itm_hard,
+                     help="share of ITM's swapped photos taken from hard negatives mined by the warm start (needs "
+                          "--warm-start-epochs; 0.5 was measured)")
     adv.add_argument("--heldout", type=int, default=-1,
                      help="products kept out of training, on which image-text matching is measured at every "
                           "checkpoint (heldout_itm_acc in metrics.jsonl; default -1: 2%% of them, at most 1,000; "
                           "0: none)")
     warm = t.add_argument_group("image warm start (the stem alone, before ITEm)")
+    measured = warm_start_config()
     warm.add_argument("--warm-start-epochs", type=float, default=0.0,
-                      help="epochs of the image stem aligned alone with the MiniLM embedding of each photo's "
-                           "text (0 = none)")
-    warm.add_argument("--warm-start-batch-size", type=int, default=256, help="photos per warm-start step")
-    warm.add_argument("--warm-start-lr", type=float, default=2e-3, help="peak learning rate of the warm start")
+                      help=f"epochs of the image stem aligned alone with the MiniLM embedding of each photo's text, "
+                           f"before ITEm (cached in OUT/warmstart; 0 = none; {measured.epochs:g} was measured: the "
+                           f"model's own photo-only [CLS] learns more, the default embedding does not change)")
+    warm.add_argument("--warm-start-batch-size", type=int, default=measured.batch_size, help="photos per warm-start step")
+    warm.add_argument("--warm-start-lr", type=float, default=measured.lr, help="peak learning rate of the warm start")
     t.set_defaults(func=cmd_train)
 
     d = add_command(sub, "train-dual", "train the CLIP-style dual encoder (the peer ITEm is measured against)")

@@ -3,7 +3,6 @@ start before them, view alignment to the frozen MiniLM teacher and hard ITM nega
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import save_model
-from ..config import ITEM_NEW_LR_SCALE, RECIPE_PHOTO_CLS, ModelConfig, ObjectiveConfig, TrainConfig
+from ..config import ITEM_NEW_LR_SCALE, ModelConfig, ObjectiveConfig, TrainConfig
 from ..data.arrays import ProductArrays
 from ..model.encoder import ItemModel, build_model
 from ..model.objectives import ItemObjectives, MaskedBatch, mask_batch, special_token_ids
@@ -36,7 +35,7 @@ class Pretraining(Task):
     """
 
     log_keys = ("loss", "itm", "mlm", "mim", "global_mlm", "global_mim", "align", "itm_acc", "align_joint",
-                "align_image", "align_title", "align_joint_acc", "align_image_acc", "align_title_acc")
+                "align_title", "align_joint_acc", "align_title_acc")
 
     def __init__(self, model: ItemModel, objectives: ItemObjectives, data: ProductArrays, tokenizer,
                  teacher: np.ndarray | None = None, hard: np.ndarray | None = None,
@@ -63,7 +62,7 @@ class Pretraining(Task):
         mb = mask_batch(b, self.objectives.cfg, cfg.num_patches, self.specials, self.mask_id, cfg.vocab_size, g)
         if self.teacher is not None:
             title = self.data.batch(idx, title_only=True)
-            mb.own_images, mb.title_ids, mb.title_mask = b.images, title.input_ids, title.text_mask
+            mb.title_ids, mb.title_mask = title.input_ids, title.text_mask
             mb.teacher = self.teacher[torch.from_numpy(idx)]
             if self.teacher_title is not None:
                 mb.teacher_title = self.teacher_title[torch.from_numpy(idx)]
@@ -138,9 +137,10 @@ def train(data: ProductArrays, tokenizer, run_dir: str | Path, model_cfg: ModelC
           log: Callable[[str], None] = print, extra: dict | None = None) -> TrainResult:
     """Pre-train ITEm on ``data`` and export the encoder (with its fitted shape slice) to ``run_dir``.
 
-    With ``warm`` the image stem is first trained alone (``warmstart``, in ``run_dir/warmstart``, reused
-    when done). View alignment and hard ITM negatives (``objectives.align``, ``objectives.itm_hard``) use
-    the teacher embeddings and the warm start's photo embeddings kept there. ``heldout`` products are
+    With ``warm`` (``config.warm_start_config``) the image stem is first trained alone (``warmstart``, in
+    ``run_dir/warmstart``, reused when done; hard negatives need it). View
+    alignment and hard ITM negatives (``objectives.align``, ``objectives.itm_hard``) use the teacher
+    embeddings and the warm start's photo embeddings kept there. ``heldout`` products are
     kept out of training and ITM is measured on them at every checkpoint. Under torchrun each rank takes
     its share of every global batch (``cfg.batch_size`` rows in all); rank 0 alone logs and writes
     checkpoints. With ``resume`` the run goes on from its newest good checkpoint with the
@@ -153,8 +153,6 @@ def train(data: ProductArrays, tokenizer, run_dir: str | Path, model_cfg: ModelC
         raise ValueError(f"need at least 2 usable products to train, got {len(data)}")
     cfg = resolve(cfg, dev, ITEM_NEW_LR_SCALE)
     objectives = objectives or ObjectiveConfig()
-    if objectives.align > 0 and not model_cfg.photo_cls:  # the photo-only [CLS] is trained: embeddings keep it
-        model_cfg = dataclasses.replace(model_cfg, photo_cls=RECIPE_PHOTO_CLS)
     ckpt = resume_point(run_dir, resume, log)
     if ckpt is not None:
         meta = ckpt.meta

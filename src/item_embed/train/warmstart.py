@@ -129,6 +129,17 @@ class ImageAlignment(Task):
         return contrastive_loss(self.embed(b.images), b.targets, scale, positives=same)
 
 
+BOOKKEEPING = ("save_every", "keep_checkpoints", "log_every")  # change no weight of the stage
+
+
+def _same_stage(saved: dict | None, key: dict) -> bool:
+    """Whether a saved warm-start key trains the same stem as ``key`` (checkpointing aside)."""
+    if saved is None or saved.keys() != key.keys():
+        return False
+    strip = lambda k: {**k, "train": {f: v for f, v in k["train"].items() if f not in BOOKKEEPING}}
+    return strip(saved) == strip(key)
+
+
 def warm_start(data: ProductArrays, run_dir: str | Path, model_cfg: ModelConfig, cfg: TrainConfig, *,
                rows: np.ndarray | None = None, progress: bool = True, device: str | None = None,
                log: Callable[[str], None] = print) -> Path:
@@ -141,10 +152,10 @@ def warm_start(data: ProductArrays, run_dir: str | Path, model_cfg: ModelConfig,
     cfg = resolve(cfg, dev, 1.0)
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     # What the stem depends on: not how the final embedding weighs [CLS] or a shape slice.
-    stem_cfg = dataclasses.replace(model_cfg, photo_cls=0.0, shape_dims=0, shape_weight=0.1)
+    stem_cfg = dataclasses.replace(model_cfg, shape_dims=0, shape_weight=0.1)
     key = {"model": stem_cfg.to_dict(), "train": cfg.to_dict(), "data": fingerprint([data.ids[r] for r in rows])}
     done = run_dir / DONE_FILE
-    if done.is_file() and json.loads(done.read_text()).get("key") == key:
+    if done.is_file() and _same_stage(json.loads(done.read_text()).get("key"), key):
         log(f"image warm start: reusing {run_dir}")
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,8 +164,8 @@ def warm_start(data: ProductArrays, run_dir: str | Path, model_cfg: ModelConfig,
     if len(task) < 2:
         raise ValueError(f"the image warm start needs at least 2 products with a photo and a title, got {len(task)}")
     ckpt = resume_point(run_dir, (run_dir / "checkpoints").is_dir(), log)
-    if ckpt is not None and {k: ckpt.meta.get(k) for k in ("model", "train")} != {"model": key["model"],
-                                                                                 "train": cfg.to_dict()}:
+    if ckpt is not None and not _same_stage({k: ckpt.meta.get(k) for k in ("model", "train")},
+                                            {"model": key["model"], "train": cfg.to_dict()}):
         log(f"image warm start: {run_dir} holds another configuration: starting it again")
         ckpt = None
     log(f"image warm start: {len(task)} photos, {cfg.epochs or 1:g} epochs in batches of {cfg.batch_size}")
