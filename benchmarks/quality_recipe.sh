@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The quality runs of RESULTS.md (issue 22's targets): `item-embed train` with its DEFAULT recipe
-# (docs/recipe.md: the image warm start, then ITEm, with held-out ITM measured at every checkpoint) on two
+# (docs/recipe.md: ITEm's five objectives with view alignment, held-out ITM measured at every checkpoint) on two
 # seeds, and the CLIP-style dual encoder (`item-embed train-dual`) at the same budget on the same two seeds,
 # then evaluated beside the baselines on both real catalogs (quality_eval.sh).
 #   bash benchmarks/quality_recipe.sh OUT_DIR [STEPS]     # then: python benchmarks/quality_table.py OUT_DIR
 # Budget: STEPS optimiser steps x batch 32 at 96 px / patch 16, 64 text tokens (+ H&M descriptions),
 # --precision auto (recorded in each run's config.json), on the unlabeled images and titles of both
-# catalogs (make_pretrain_catalog.py, pretrain_cache.sh). The warm start's own budget is the default's; its
-# seconds are in OUT_DIR/RUN/warmstart/done.json, and walltime.txt has both stages together.
+# catalogs (make_pretrain_catalog.py, pretrain_cache.sh). RESULTS.md's table was made with STEPS 600 (the
+# default): about 18 min per ITEm run and 12 per dual on 2 cores.
 set -euo pipefail
 out=${1:?usage: quality_recipe.sh OUT_DIR [STEPS]}
-steps=${2:-3000}
+steps=${2:-600}
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin="$here/.venv/bin"
 bash "$here/benchmarks/pretrain_cache.sh" "$out"

@@ -234,7 +234,7 @@ def commands_text(out: Path, infos: dict[str, dict], eval_commands: list[str]) -
     lines += [f"bash benchmarks/quality_eval.sh {out}   # runs:", *eval_commands,
               f".venv/bin/python benchmarks/quality_table.py {out}   # this section"]
     machine = ", ".join(f"{k} {v}" for k, v in C.machine().items())
-    return ("Commands (`item-embed train` has no recipe flags: its defaults are the recipe, warm start and "
+    return ("Commands (`item-embed train` has no recipe flags: its defaults are the recipe, view alignment and "
             "held-out ITM included):\n\n" + "\n".join(f"    {c}" for c in lines)
             + f"\n\nMachine where quality_table.py ran (run the whole pipeline on one machine): {machine}.")
 
@@ -253,7 +253,7 @@ def main() -> int:
     runs = [pair[i] for i in (0, 1) for pair in SEEDS.values()]  # the ITEm runs, then the duals
     infos = {name: run_info(a.out / name) for name in runs if (a.out / name).is_dir()}
     body = "\n\n".join([
-        "`item-embed train` with no flags (its defaults are the recipe: the image warm start, then ITEm) on two "
+        "`item-embed train` with no flags (its defaults are the recipe: ITEm's five objectives with view alignment) on two "
         "seeds, the CLIP-style dual encoder (`item-embed train-dual`) of the same budget on the same seeds, and "
         "the baselines of `item-embed evaluate`, all trained label-free on the same catalog (`pretrain_cache.sh`). "
         "`item:RUN` is the embedding users get; `item-cls:RUN` is the model's `[CLS]` alone, without the "

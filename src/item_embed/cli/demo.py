@@ -25,7 +25,7 @@ each that differ by small photo changes and reworded titles; {products} products
   also asks that all of its other listings rank first. Chance is about 1 / (number of products).
 - knn:category / colour / pattern: share of held-out listings whose 10 nearest training listings vote for
   the right label. Category and colour are visible in both photo and title; pattern mostly in the photo.
-A short demo run reaches R@1 around 0.4 and category accuracy around 0.9 on 2 CPU cores; the real
+A short demo run reaches R@1 around 0.5 and category accuracy around 0.9 on 2 CPU cores; the real
 catalogs need `item-embed train` for longer (see the README's headline table)."""
 
 
