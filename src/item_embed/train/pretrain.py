@@ -1,5 +1,5 @@
-"""ITEm pre-training through the shared engine: the five objectives, and with the recipe an image warm
-start before them, view alignment to the frozen MiniLM teacher and hard ITM negatives."""
+"""ITEm pre-training through the shared engine: the five objectives with view alignment to the frozen
+MiniLM teacher (the recipe), optionally after an image warm start that also mines hard ITM negatives."""
 
 from __future__ import annotations
 
