@@ -63,7 +63,6 @@ class ParquetStream:
 
 def embedding_metadata(encoder: ItemEncoder, catalog: Catalog) -> dict[bytes, bytes]:
     """The ``item_embed.*`` schema metadata of an embedding file: which model, precision and catalog."""
-
     return {
         b"item_embed.model_id": encoder.model_id.encode(),
         b"item_embed.config_hash": encoder.cfg.config_hash().encode(),

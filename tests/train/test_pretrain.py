@@ -65,6 +65,15 @@ def test_training_lowers_every_objective(tmp_path, stem):
     assert last < np.log(2) - 0.025 < first, f"itm: {first:.4f} -> {last:.4f}"
 
 
+def test_the_default_recipe_aligns_two_views_without_a_warm_start(tiny_run):
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["objectives"]["align"] == 1 and config["objectives"]["itm_hard"] == 0
+    assert config["warm_start"] is None and not (tiny_run / "warmstart" / "done.json").exists()
+    assert (tiny_run / "warmstart" / "teacher.npy").is_file() and (tiny_run / "warmstart" / "teacher_title.npy").is_file()
+    log = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert all({"align", "align_joint", "align_title"} <= set(r) and "align_image" not in r for r in log)
+
+
 def test_lr_scale_left_unset_is_the_item_default(tiny_run):
     from item_embed.checkpoint import latest_good_checkpoint
 
