@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -35,7 +33,8 @@ import pandas as pd
 import torch
 from safetensors.numpy import load_file, save_file
 
-from .checkpoint import CheckpointError, save_model, sha256_file, write_json_atomic
+from .atomic_files import remove_stale, replace_folder, temp_folder
+from .checkpoint import CheckpointError, fsync_path, save_model, sha256_file, write_json_atomic
 from .config import TrainConfig
 from .data.arrays import ProductArrays
 from .data.catalog import Product
@@ -258,10 +257,9 @@ class Classifier:
         folder = Path(folder)
         if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / META_FILE).is_file())):
             raise ValueError(f"{folder} exists and is not a classifier folder: refusing to overwrite it")
-        tmp = folder.with_name(f".tmp-{folder.name}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(folder.parent, folder.name)
+        tmp = temp_folder(folder)
         save_file({"weight": np.ascontiguousarray(self.weight), "bias": np.ascontiguousarray(self.bias)},
                   str(tmp / HEAD_FILE))
         if self.encoder is not None:
@@ -277,9 +275,8 @@ class Classifier:
             "sha256": sums,
         }
         write_json_atomic(tmp / META_FILE, meta)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        fsync_path(tmp)
+        replace_folder(tmp, folder)
         return folder
 
     @classmethod

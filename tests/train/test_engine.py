@@ -171,12 +171,17 @@ def test_sigkill_and_resume_match_uninterrupted_run(tiny_catalog, tmp_path):
     crash = subprocess.run(_cmd(tiny_catalog, run), env={**env, "ITEM_EMBED_FAULT": "mid-write:step-00000008"},
                            capture_output=True)
     assert crash.returncode == -signal.SIGKILL
-    assert (run / "checkpoints" / ".tmp-step-00000008").is_dir(), "the fault did not hit the checkpoint write"
+    leftovers = lambda: list((run / "checkpoints").glob(".step-00000008.tmp-*"))  # noqa: E731
+    assert leftovers(), "the fault did not hit the checkpoint write"
+    # A kill can also tear the log's last line; resuming must drop it, not stop on it.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 1.2')
     for target in targets:
         code, reached = _kill_at_step(_cmd(tiny_catalog, run), run, target, env)
         assert code == -signal.SIGKILL and reached < CRASH_STEPS, f"run ended before the kill at step {target}"
     final = subprocess.run(_cmd(tiny_catalog, run), env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
+    assert not leftovers(), "the killed checkpoint write was not cleaned up"
 
     a, b = load_file(str(reference / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..checkpoint import (
+    CheckpointError,
     latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints, save_folder_atomic,
 )
 from ..config import TrainConfig
@@ -353,8 +355,26 @@ class Engine:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the log has each step once."""
+    """On resume, drop log lines past the checkpoint so the log has each step once. A torn last line
+    (killed mid-write) is dropped; a damaged line before it is an error naming the file and line."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    lines = path.read_text().splitlines()
+    keep = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                continue
+            raise CheckpointError(f"{path} line {i + 1} is not JSON ({e}): repair or remove that line, then resume")
+        if rec.get("step", 0) <= step:
+            keep.append(ln)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(ln + "\n" for ln in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
