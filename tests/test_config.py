@@ -41,3 +41,31 @@ def test_loss_weights_parse_and_retired_terms_are_named():
 def test_train_config_refuses_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(hidden_size=10**7), "hidden_size=10000000 is out of range"), (dict(num_layers=-1), "num_layers=-1"),
+    (dict(num_heads=0), "num_heads=0"), (dict(patch_size=0), "patch_size=0"), (dict(image_size=-32), "image_size=-32"),
+    (dict(max_text_len=0), "max_text_len=0"), (dict(vocab_size=True), "vocab_size must be an integer"),
+    (dict(hidden_size=64.0), "hidden_size must be an integer"), (dict(dropout=1.5), "dropout"),
+    (dict(layer_norm_eps=0), "layer_norm_eps"), (dict(shape_dims=-1), "shape_dims=-1"),
+    (dict(hidden_size=16_384, intermediate_size=65_536, num_layers=64), "parameters, over the limit"),
+])
+def test_saved_model_config_is_validated_before_anything_is_built_naming_its_file(edit, match):
+    from item_embed.config import ModelConfig, ModelConfigError, model_config_for
+
+    saved = {**model_config_for("tiny").to_dict(), **edit}
+    with pytest.raises(ModelConfigError, match=f"^run/config.json: .*{match}"):
+        ModelConfig.from_dict(saved, source="run/config.json")
+    with pytest.raises(ValueError, match=match):  # ModelConfigError is a ValueError; no file named without a source
+        ModelConfig.from_dict(saved)
+
+
+def test_parameter_estimate_is_close_to_the_real_count():
+    from item_embed.config import model_config_for
+    from item_embed.model.encoder import ItemModel
+
+    cfg = model_config_for("tiny")
+    real = sum(t.numel() for t in ItemModel(cfg).state_dict().values())
+    assert abs(cfg.estimated_parameters() - real) < 0.01 * real
+    assert model_config_for("minilm").estimated_parameters() < 30_000_000  # the recipe is far from the limit

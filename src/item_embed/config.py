@@ -26,6 +26,22 @@ def _retired(what: str) -> ValueError:
     return ValueError(f"{what} was retired (docs/ablations.md); its code is at git tag {RETIRED_TAG}")
 
 
+# Bounds on a model config's sizes, far above any model this project trains (MiniLM: hidden 384, 6 layers,
+# 12 heads, vocab 30522): a config.json outside them is damaged or tampered with, and is refused before
+# any tensor is allocated (an absurd size would otherwise allocate gigabytes, then fail).
+INT_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1_000_000), "hidden_size": (1, 16_384), "num_layers": (1, 256), "num_heads": (1, 1024),
+    "intermediate_size": (1, 65_536), "max_position_embeddings": (1, 65_536), "image_size": (1, 4096),
+    "patch_size": (1, 1024), "max_text_len": (1, 65_536), "shape_dims": (0, 65_536),
+}
+MAX_PATCHES = 65_536  # (image_size / patch_size) ** 2
+MAX_PARAMETERS = 4_000_000_000  # 16 GB of float32 weights
+
+
+class ModelConfigError(ValueError):
+    """A model config that cannot describe a model (wrong type, out of bounds, inconsistent)."""
+
+
 @dataclass
 class ModelConfig:
     """Shape of the single-stream transformer and how its inputs are prepared."""
@@ -59,6 +75,7 @@ class ModelConfig:
     image_std: list[float] | None = None
 
     def __post_init__(self) -> None:
+        self._check_sizes()
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -82,6 +99,49 @@ class ModelConfig:
         if self.shape_dims and not 0 < self.shape_weight <= 10:
             raise ValueError(f"shape_weight must be in (0, 10], not {self.shape_weight}")
 
+    def _check_sizes(self) -> None:
+        """Types and bounds of every size, and the parameter count they add up to: checked before the
+        rest (which divides by them) and before any model is built."""
+        for name, (lo, hi) in INT_LIMITS.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ModelConfigError(f"{name} must be an integer, not {v!r}")
+            if not lo <= v <= hi:
+                raise ModelConfigError(f"{name}={v} is out of range [{lo}, {hi}]")
+        for name in ("dropout", "layer_norm_eps", "shape_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+                raise ModelConfigError(f"{name} must be a number, not {v!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 < self.layer_norm_eps < 1.0:
+            raise ModelConfigError(f"layer_norm_eps={self.layer_norm_eps} must be in (0, 1)")
+        if not isinstance(self.use_description, bool):
+            raise ModelConfigError(f"use_description must be true or false, not {self.use_description!r}")
+        for name in ("preset", "image_stem", "image_backbone"):
+            if not isinstance(getattr(self, name), str):
+                raise ModelConfigError(f"{name} must be a string, not {getattr(self, name)!r}")
+        if self.backbone_config is not None and not isinstance(self.backbone_config, dict):
+            raise ModelConfigError(f"backbone_config must be an object, not {self.backbone_config!r}")
+        if self.patch_size > self.image_size:
+            raise ModelConfigError(f"patch_size {self.patch_size} exceeds image_size {self.image_size}")
+        if self.num_patches > MAX_PATCHES:
+            raise ModelConfigError(f"{self.num_patches} image patches (image_size {self.image_size} / patch_size "
+                                   f"{self.patch_size}) exceed {MAX_PATCHES}")
+        if self.estimated_parameters() > MAX_PARAMETERS:
+            raise ModelConfigError(f"these sizes make a model of about {self.estimated_parameters():,} parameters, "
+                                   f"over the limit of {MAX_PARAMETERS:,}")
+
+    def estimated_parameters(self) -> int:
+        """About how many numbers the model holds (BERT, image stem and positions, shape slice): enough to
+        refuse absurd sizes before allocating them."""
+        h, i = self.hidden_size, self.intermediate_size
+        text = (self.vocab_size + self.max_position_embeddings + 2) * h
+        layers = self.num_layers * (4 * h * h + 2 * h * i + 9 * h + i)
+        image = self.num_patches * h + (3 * self.patch_size**2 + 1) * h
+        shape = self.num_patches * 36 * (self.shape_dims + 1)
+        return text + layers + image + shape
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -99,16 +159,26 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], source: Any = None) -> "ModelConfig":
+        """The config saved as ``d``, validated (types, bounds, consistency) before anything is built;
+        ``source`` (the file it came from) prefixes the message of a ``ModelConfigError``."""
+        where = f"{source}: " if source is not None else ""
+        if not isinstance(d, dict):
+            raise ModelConfigError(f"{where}the model config is not an object: {type(d).__name__}")
         d = dict(d)
         pooling = d.pop("pooling", "cls")  # every config saved before the pruning has it; [CLS] is the only one
         if pooling != "cls":
-            raise _retired(f"pooling {pooling!r}")
+            raise _retired(f"{where}pooling {pooling!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+            raise ModelConfigError(f"{where}unknown model config keys: {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            if not where:
+                raise
+            raise ModelConfigError(f"{where}{e}") from None
 
     def identity_dict(self) -> dict[str, Any]:
         """The config as model identities hash it, in the form models saved before the pruning had,

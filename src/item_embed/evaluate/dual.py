@@ -12,9 +12,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import read_model_folder
+from ..checkpoint import CheckpointError, files_digest, load_model_tokenizer, read_model_folder
 from ..config import ModelConfig
-from ..data.arrays import load_tokenizer, make_batch
+from ..data.arrays import make_batch
 from ..data.catalog import Product
 from ..encode import ItemEncoder
 from ..model.dual import DUAL_FORMAT, MODES, DualConfig, DualModel
@@ -24,7 +24,12 @@ from ..runtime import autocast
 def load_dual_model(run_dir: str | Path) -> tuple[DualModel, dict]:
     """Load an exported dual encoder and its config; refuses other folders and failed checksums."""
     config, weights = read_model_folder(run_dir, DUAL_FORMAT)
-    model = DualModel(ModelConfig.from_dict(config["model"]), DualConfig(**config["dual"]))
+    try:
+        dual = DualConfig(**config["dual"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(run_dir) / 'config.json'}: bad dual config ({type(e).__name__}: {e}); "
+                              "copy the whole run folder or re-export the model") from None
+    model = DualModel(ModelConfig.from_dict(config["model"]), dual)
     model.load_state_dict(weights)
     return model.eval(), config
 
@@ -44,7 +49,7 @@ class DualEncoder(ItemEncoder):
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, device: str | None = None, precision: str = "auto") -> "DualEncoder":
         model, config = load_dual_model(run_dir)
-        return cls(model, load_tokenizer(run_dir), config, device, precision)
+        return cls(model, load_model_tokenizer(run_dir, config, model.cfg.vocab_size), config, device, precision)
 
     @property
     def dim(self) -> int:
@@ -54,7 +59,9 @@ class DualEncoder(ItemEncoder):
     def model_id(self) -> str:
         blob = json.dumps({"model": self.cfg.identity_dict(), "dual": self.model.dual.to_dict()}, sort_keys=True)
         weights = str(self.config.get("weights_sha256", ""))[:16]
-        return f"dual-{hashlib.sha256(blob.encode()).hexdigest()[:16]}-{weights}"
+        base = f"dual-{hashlib.sha256(blob.encode()).hexdigest()[:16]}-{weights}"
+        tokenizer = files_digest(self.config)  # as ItemEncoder.model_id: folders that record their tokenizer
+        return f"{base}-{tokenizer}" if tokenizer else base
 
     @torch.inference_mode()
     def encode_products(self, products: Sequence[Product], mode: str = "joint") -> np.ndarray:
@@ -80,6 +87,10 @@ class DualEncoder(ItemEncoder):
                 out[rows] += text.cpu().numpy()
         norm = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.where(norm > 0, norm, 1.0)
+
+    def encode_batched(self, products: Sequence[Product], batch_size: int = 64) -> np.ndarray:
+        """Joint embeddings in batches (what the inherited ``encode`` calls)."""
+        return self.embed(products, "joint", batch_size)
 
     def embed(self, products: Sequence[Product], mode: str = "joint", batch_size: int = 64) -> np.ndarray:
         """float32 (n, D) embeddings of ``products`` in ``mode`` (joint, image or title)."""

@@ -42,8 +42,12 @@ class DualConfig:
     max_logit_scale: float = 100.0  # CLIP's cap on 1 / temperature
 
     def __post_init__(self) -> None:
-        if self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be positive, not {self.embed_dim}")
+        if not isinstance(self.embed_dim, int) or isinstance(self.embed_dim, bool) or not 1 <= self.embed_dim <= 65_536:
+            raise ValueError(f"embed_dim must be an integer in [1, 65536], not {self.embed_dim!r}")
+        for name in ("init_temperature", "max_logit_scale"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ValueError(f"{name} must be a number, not {v!r}")
         if not (self.init_temperature > 0 and 1 / self.init_temperature <= self.max_logit_scale):
             raise ValueError("init_temperature must be positive with 1 / init_temperature <= max_logit_scale")
 
