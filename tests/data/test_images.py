@@ -173,6 +173,115 @@ def test_large_jpeg_uses_draft_and_still_squares() -> None:
     assert np.abs(arr[S // 2, S // 2].astype(int) - (10, 200, 10)).max() <= 6
 
 
+# --------------------------------------------------------------------------- EXIF orientation
+
+ORIENTATION = 0x0112
+
+
+def quadrants(w: int = 64, h: int = 48) -> Image.Image:
+    """An upright photo whose every flip or turn looks different: four coloured quadrants."""
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[: h // 2, : w // 2] = (220, 30, 30)
+    arr[: h // 2, w // 2 :] = (30, 200, 40)
+    arr[h // 2 :, : w // 2] = (30, 40, 220)
+    arr[h // 2 :, w // 2 :] = (240, 230, 20)
+    return Image.fromarray(arr)
+
+
+def with_orientation(stored: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    return encode(stored, "JPEG", quality=95, subsampling=0, exif=exif)
+
+
+def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+# orientation -> how a camera stores the upright scene under it (the inverse of what the tag says to do)
+STORED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,  # a phone held upright: the sensor's rows run down the scene
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED))
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int) -> None:
+    upright = quadrants()
+    (tmp_path / "upright.jpg").write_bytes(encode(upright, "JPEG", quality=95, subsampling=0))
+    (tmp_path / "phone.jpg").write_bytes(with_orientation(upright.transpose(STORED[orientation]), orientation))
+    want = load_image_array("upright.jpg", S, root=tmp_path)
+    got = load_image_array("phone.jpg", S, root=tmp_path)
+    # The test can fail: the pixels as stored are far from the upright photo.
+    with Image.open(tmp_path / "phone.jpg") as raw:
+        assert mean_diff(pad_resize(raw.convert("RGB"), S), want) > 40
+    assert mean_diff(got, want) < 3, f"orientation {orientation} not applied"
+    assert decode_image((tmp_path / "phone.jpg").read_bytes()).size == upright.size  # bytes (uploads) too
+
+
+def test_exif_orientation_6_phone_photo() -> None:
+    """The issue's case: a portrait phone photo stored sideways with orientation 6."""
+    upright = quadrants(48, 64)
+    phone = with_orientation(upright.rotate(90, expand=True), 6)
+    assert Image.open(io.BytesIO(phone)).size == (64, 48)  # stored sideways
+    assert decode_image(phone).size == (48, 64)
+    want = load_image_array(encode(upright, "JPEG", quality=95, subsampling=0), S)
+    assert mean_diff(load_image_array(phone, S), want) < 3
+
+
+def test_exif_orientation_applied_to_draft_decoded_large_jpeg() -> None:
+    upright = quadrants(640, 480)
+    phone = with_orientation(upright.transpose(Image.Transpose.ROTATE_90), 6)
+    want = load_image_array(encode(upright, "JPEG", quality=95, subsampling=0), S)
+    assert mean_diff(load_image_array(phone, S), want) < 3
+
+
+def _broken_exif_orientation_6() -> bytes:
+    """A big-endian EXIF block: orientation 6 (readable), and a LONG ResolutionUnit too large for the
+    SHORT it is written back as, so ImageOps.exif_transpose raises struct.error rewriting the block."""
+    entries = [(ORIENTATION, 3, 1, b"\x00\x06\x00\x00"), (0x0128, 4, 1, struct.pack(">I", 0x7BFC0343))]
+    ifd = b"MM\x00*" + struct.pack(">IH", 8, len(entries))
+    for tag, kind, count, value in entries:
+        ifd += struct.pack(">HHI", tag, kind, count) + value
+    return b"Exif\x00\x00" + ifd + struct.pack(">I", 0)
+
+
+def test_malformed_exif_still_loads_and_is_upright() -> None:
+    from PIL import ImageOps
+
+    upright = quadrants()
+    data = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, subsampling=0,
+                  exif=_broken_exif_orientation_6())
+    with Image.open(io.BytesIO(data)) as im, pytest.raises(struct.error):
+        ImageOps.exif_transpose(im)  # what a plain exif_transpose would have done with the row
+    assert decode_image(data).size == upright.size
+    want = load_image_array(encode(upright, "JPEG", quality=95, subsampling=0), S)
+    assert mean_diff(load_image_array(data, S), want) < 3
+
+
+@pytest.mark.parametrize("payload", [b"Exif\x00\x00not a TIFF header at all", b"Exif\x00\x00MM\x00*\xff\xff\xff\xff"])
+def test_garbage_exif_loads_as_stored(payload: bytes) -> None:
+    data = encode(quadrants(), "JPEG", quality=95, subsampling=0, exif=payload)
+    assert decode_image(data).size == (64, 48)
+
+
+def test_unreadable_exif_loads_as_stored(monkeypatch) -> None:
+    """EXIF that Pillow cannot parse at all (older Pillow raises on many such blocks): the image as stored."""
+    data = with_orientation(quadrants(), 6)
+
+    def broken(self):
+        raise SyntaxError("not a TIFF file")
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    assert decode_image(data).size == (64, 48)
+    assert load_image_array(data, S).shape == (S, S, 3)
+
+
 # --------------------------------------------------------------------------- unusable images
 
 

@@ -6,9 +6,11 @@ resized, and cut into ``patch_size`` x ``patch_size`` patches of raw pixels.
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 MIN_SIDE = 4  # below this an image carries no product information
 MAX_ASPECT = 25.0  # a 25:1 banner padded to a square is a line: reject rather than embed noise
 MAX_FILE_BYTES = 64 * 1024 * 1024
+ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
 class ImageError(ValueError):
@@ -46,9 +49,14 @@ def resolve_location(value: str | os.PathLike, root: Path | str | None) -> Path 
     """
     from . import remote
 
-    text = os.fspath(value).strip()
+    text = os.fspath(value)
+    if isinstance(text, bytes):
+        raise ImageError("image path given as bytes: expected text")
+    text = text.strip()
     if not text:
         raise ImageError("image path is empty")
+    if "\0" in text:  # no file system can hold it; open() would raise ValueError
+        raise ImageError(f"image path: contains a NUL byte: {_show(text)}")
     if remote.is_uri(text):
         return text if remote.is_remote(text) else Path(remote.local_path(text))
     root = remote.unmangle(root) if root is not None else None
@@ -60,11 +68,112 @@ def resolve_location(value: str | os.PathLike, root: Path | str | None) -> Path 
         root = remote.local_path(root)
     path = Path(text)
     if not path.is_absolute():
-        base = Path(root or Path.cwd()).resolve()
-        path = (base / path).resolve()
+        try:
+            base = Path(root or Path.cwd()).resolve()
+            path = (base / path).resolve()
+        except (OSError, RuntimeError, ValueError) as e:  # 3.11 reports a symlink loop as RuntimeError
+            raise path_error(e, Path(root or ".") / text) from None
         if not path.is_relative_to(base):
             raise ImageError(f"image path {text!r} escapes the image root {base}")
     return path
+
+
+# Longer paths in messages are cut in the middle: a 4 kB name would drown the report.
+_SHOWN_CHARS = 160
+
+
+def _show(path: Any) -> str:
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    # Shown escaped: a NUL, or a lone surrogate from a non-UTF-8 name, would break a printed report.
+    text = text.replace("\0", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > _SHOWN_CHARS:
+        text = f"{text[:100]}...{text[-50:]} ({len(text)} characters)"
+    return text
+
+
+def _longest_name(path: Any) -> int:
+    """Bytes in the longest component of ``path`` (what NAME_MAX, 255 on most file systems, limits)."""
+    try:
+        return max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+    except (UnicodeError, ValueError):
+        return 0
+
+
+def path_error(e: BaseException, path: Any) -> ImageError:
+    """The ImageError for an OS refusal to look up or open ``path``: the reason in words, path shown."""
+    shown = _show(path)
+    code = getattr(e, "errno", None)
+    if isinstance(e, RuntimeError) or code == errno.ELOOP:
+        return ImageError(f"image path: symlink loop: {shown}")
+    if isinstance(e, ValueError):  # an embedded NUL, or a name the file system encoding cannot hold
+        if "\0" in str(os.fspath(path) if isinstance(path, os.PathLike) else path) or "null" in str(e):
+            return ImageError(f"image path: contains a NUL byte: {shown}")
+        return ImageError(f"image path: not a valid file name ({e}): {shown}")
+    if code == errno.ENAMETOOLONG:
+        longest = _longest_name(path)
+        what = f"a name of {longest} bytes, over the file system's 255" if longest > 255 else "the whole path"
+        return ImageError(f"image path: file name too long ({what}): {shown}")
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return ImageError(f"image file not found: {shown}")
+    if code == errno.EISDIR:
+        return ImageError(f"image path is a directory, not a regular file: {shown}")
+    if code in (errno.EACCES, errno.EPERM):
+        return ImageError(f"image file not readable (permission denied): {shown}")
+    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return ImageError(f"image file unreadable ({reason}): {shown}")
+
+
+def _not_regular(mode: int, path: Any) -> ImageError | None:
+    """Why a file of ``mode`` is no image file (None for a regular file). Reading a FIFO would block
+    until a writer comes; a device such as /dev/zero never ends."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        what = "a directory"
+    elif stat.S_ISFIFO(mode):
+        what = "a FIFO (named pipe)"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        what = "a device"
+    elif stat.S_ISSOCK(mode):
+        what = "a socket"
+    else:
+        what = "a special file"
+    return ImageError(f"image path is {what}, not a regular file: {_show(path)}")
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def read_image_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a local image file, or an ImageError saying why not: missing, a directory, FIFO or
+    device (refused before it is opened, and again on the open file should it have been swapped in
+    between; opened non-blocking, so a FIFO never stalls the reader), unreadable, empty or over
+    ``max_bytes``."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError) as e:
+        raise path_error(e, path) from None
+    if (refused := _not_regular(info.st_mode, path)) is not None:
+        raise refused
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except (OSError, ValueError) as e:
+        raise path_error(e, path) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if (refused := _not_regular(info.st_mode, path)) is not None:
+            raise refused
+        if info.st_size > max_bytes:
+            raise ImageError(f"image file is {info.st_size:,} bytes, over the {max_bytes:,}-byte cap")
+        try:
+            data = f.read(max_bytes + 1)  # bounded even if the file grows meanwhile
+        except OSError as e:
+            raise path_error(e, path) from None
+    if not data:
+        raise ImageError(f"image file is empty (0 bytes): {_show(path)}")
+    if len(data) > max_bytes:
+        raise ImageError(f"image file is over the {max_bytes:,}-byte cap")
+    return data
 
 
 def _read_source(value: Any, root: Path | str | None, limits: ImageLimits,
@@ -86,15 +195,7 @@ def _read_source(value: Any, root: Path | str | None, limits: ImageLimits,
             from .remote import fetch_bytes
 
             return fetch_bytes(location, limits.max_bytes, fetch)
-        path = location
-        if not path.is_file():
-            raise ImageError(f"image file not found: {path}")
-        size = path.stat().st_size
-        if size == 0:
-            raise ImageError(f"image file is empty (0 bytes): {path}")
-        if size > limits.max_bytes:
-            raise ImageError(f"image file is {size:,} bytes, over the {limits.max_bytes:,}-byte cap")
-        return path.read_bytes()
+        return read_image_file(location, limits.max_bytes)
     raise ImageError(f"unsupported image value of type {type(value).__name__}")
 
 
@@ -121,7 +222,8 @@ def decode_image(
     value: Any, root: Path | str | None = None, limits: ImageLimits | None = None, draft_size: int | None = None,
     fetch: Any = None,
 ) -> Image.Image:
-    """Decode ``value`` (bytes, path or PIL image) to an RGB PIL image, or raise ImageError.
+    """Decode ``value`` (bytes, path or PIL image) to an upright (EXIF orientation applied) RGB PIL
+    image, or raise ImageError.
 
     ``draft_size`` lets JPEG decoding skip resolution we would throw away (much faster for
     large photos that end up at e.g. 96 px).
@@ -147,7 +249,7 @@ def decode_image(
             if draft_size and im.format == "JPEG":
                 im.draft("RGB", (draft_size, draft_size))
             im.load()
-            return _to_rgb(im)
+            return _to_rgb(_upright(im))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -156,6 +258,37 @@ def decode_image(
         raise ImageError("not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a decoder tripping over hostile bytes (struct.error, IndexError, ...)
+        raise ImageError(f"corrupt image: the decoder failed ({type(e).__name__}: {e})") from None
+
+
+# EXIF orientation -> the transposition that shows the photo upright (the table ImageOps.exif_transpose uses).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned the way its EXIF orientation says it is seen (phone photos are stored sideways,
+    orientation 6 or 8), as ``ImageOps.exif_transpose`` turns it. Only the pixels are turned: that
+    function also rewrites the EXIF block, which raises on many malformed blocks (struct.error,
+    ValueError, TypeError) where the orientation itself reads fine. EXIF that cannot be read at all
+    leaves the image as stored rather than losing it."""
+    try:
+        method = _UPRIGHT.get(im.getexif().get(ORIENTATION))
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 -- unreadable EXIF, or an unhashable orientation value: pixels as stored
+        return im
+    return im if method is None else im.transpose(method)
 
 
 def pad_resize(im: Image.Image, size: int) -> np.ndarray:
