@@ -9,9 +9,10 @@ export HF_HUB_OFFLINE := 1
 venv: $(VENV)/.installed
 
 # The constraints file pins torch==2.13.0 (CPU wheel here) so no dependency can pull another build.
+# The optional engines (Ray, Milvus Lite, ONNX Runtime) are installed too so that their tests run.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,ray,milvus,onnx]"
 	touch $@
 
 demo: venv

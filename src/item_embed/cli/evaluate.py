@@ -116,8 +116,21 @@ def _evaluate_catalog(a: argparse.Namespace) -> int:
         print(f"results: {out / 'results.json'}, {out / 'results.md'}")
     if a.out:
         Path(a.out).write_text(results_json(results))
+    if a.model:
+        _record_in_run(Path(a.model), results_json(results))
     print(f"evaluated {len(products)} products in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _record_in_run(run: Path, results: str) -> None:
+    """Keep the results in the run folder (evaluation.json) and write its model card again with them;
+    a run folder that cannot be written (read-only) is left as it is."""
+    from ..model_card import record_evaluation
+
+    try:
+        print(f"model card: {record_evaluation(run, json.loads(results))}")
+    except Exception as e:  # noqa: BLE001 - the card is a by-product
+        print(f"warning: the evaluation was not recorded in {run} ({type(e).__name__}: {e})")
 
 
 def cmd_report(a: argparse.Namespace) -> int:

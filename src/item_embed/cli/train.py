@@ -32,6 +32,29 @@ def _print_result(result, out: Path, what: str, report) -> None:
         finish_report(report, out, "catalog_report.json")
 
 
+def _data_record(a: argparse.Namespace, data) -> dict:
+    """What config.json records of the training data beside its location: the catalog file's sha256
+    (a local file; not for URIs or caches) and a hash of the used rows' ids (any source)."""
+    from ..checkpoint import sha256_file
+    from ..data.remote import is_uri
+    from ..train.engine import fingerprint
+
+    record = {"catalog": catalog_label(a.catalog), "data_id": fingerprint(list(data.ids))}
+    if not is_uri(a.catalog) and Path(a.catalog).is_file():
+        record["catalog_sha256"] = sha256_file(Path(a.catalog))
+    return record
+
+
+def _write_card(out: Path) -> None:
+    """The run's model card (README.md); a failure to write it does not fail the training."""
+    from ..model_card import write_model_card
+
+    try:
+        print(f"model card: {write_model_card(out)}")
+    except Exception as e:  # noqa: BLE001 - the card is a by-product
+        print(f"warning: no model card written ({type(e).__name__}: {e})")
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from ..data.arrays import load_tokenizer
     from ..train.pretrain import train
@@ -46,9 +69,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     tokenizer = load_tokenizer()
     data, cfg, report = load_training_data(a, tokenizer)
     result = train(data, tokenizer, a.out, cfg, _train_config(a), objectives, warm=warm, heldout=a.heldout,
-                   resume=a.resume, progress=not a.no_progress, device=a.device, extra={"catalog": catalog_label(a.catalog)})
+                   resume=a.resume, progress=not a.no_progress, device=a.device, extra=_data_record(a, data))
     if is_main_process():
         _print_result(result, Path(a.out), "model", report)
+        _write_card(Path(a.out))
     return 0
 
 
@@ -60,9 +84,9 @@ def cmd_train_dual(a: argparse.Namespace) -> int:
     tokenizer = load_tokenizer()
     data, cfg, report = load_training_data(a, tokenizer)
     result = train_dual(data, tokenizer, a.out, cfg, _train_config(a), DualConfig(embed_dim=a.embed_dim),
-                        resume=a.resume, progress=not a.no_progress, device=a.device,
-                        extra={"catalog": catalog_label(a.catalog)})
+                        resume=a.resume, progress=not a.no_progress, device=a.device, extra=_data_record(a, data))
     _print_result(result, Path(a.out), "dual encoder", report)
+    _write_card(Path(a.out))
     return 0
 
 
