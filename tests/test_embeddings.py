@@ -100,3 +100,109 @@ def test_two_process_embed_writes_shards_equal_to_one_process(tiny_catalog, tiny
     assert list(a_frame["id"]) == list(b_frame["id"])
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert read_embedding_metadata(sharded)["model_id"] == manifest["model_id"]
+
+
+# ----------------------------------------------------------------- exact ids and bad lines through the CLI (issue 27)
+
+BIG = 2**53  # 2**53 + 1 has no float64: an id that passes through float comes out as 2**53
+
+
+def _write_arrow(path, columns: dict) -> None:
+    """A Parquet file written by pyarrow alone (no pandas metadata, as Spark or DuckDB write it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+
+
+def test_int64_ids_past_2_53_stay_exact_through_embed_index_and_search(tiny_run, tmp_path, capsys):
+    import pyarrow as pa
+
+    ids = [BIG + i for i in range(30)]
+    ids.insert(7, None)
+    colours = ["red", "blue", "green", "black", "white"]
+    catalog = tmp_path / "big.parquet"
+    _write_arrow(catalog, {"id": pa.array(ids, pa.int64()),
+                           "title": [f"{colours[i % 5]} shoe size {i}" for i in range(len(ids))]})
+    exact = [str(i) for i in ids if i is not None]
+    emb, ix = tmp_path / "emb.parquet", tmp_path / "index"
+    assert main(["embed", str(catalog), "--model", str(tiny_run), "--out", str(emb), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "emb.report.json").read_text())
+    assert (report["rows_in"], report["rows_used"], report["rows_reported"]) == (31, 30, 1)
+    assert report["problems"] == [{"row": 7, "id": None, "reason": "missing id"}]  # and no false duplicates
+    frame, _ = read_embeddings(emb)
+    assert list(frame["id"]) == exact
+
+    assert main(["index", str(emb), "--out", str(ix)]) == 0
+    from item_embed.index.product_index import ProductIndex
+
+    assert ProductIndex.load(ix).ids == exact
+    capsys.readouterr()
+    assert main(["search", "--index", str(ix), "--id", str(BIG + 1), "-k", "5", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert len(results) == 5 and {r["id"] for r in results} <= set(exact) - {str(BIG + 1)}
+    assert main(["search", "--index", str(ix), "--id", str(BIG + 29), "-k", "29", "--json"]) == 0
+    assert {r["id"] for r in json.loads(capsys.readouterr().out)["results"]} == set(exact) - {str(BIG + 29)}
+
+
+def test_padded_and_multiline_ids_are_refused_alike_by_embed_and_index(tiny_run, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = ["ok", " padded", "new\nline", "a  b", "tab\tid", "trail "]
+    catalog = tmp_path / "ids.parquet"
+    _write_arrow(catalog, {"id": ids, "title": [f"mug {i}" for i in range(len(ids))]})
+    emb = tmp_path / "emb.parquet"
+    assert main(["embed", str(catalog), "--model", str(tiny_run), "--out", str(emb), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "emb.report.json").read_text())
+    refused = [(p["row"], p["id"], p["reason"]) for p in report["problems"]]
+    assert refused == [(1, " padded", "id has leading or trailing whitespace"),
+                       (2, "new\nline", "id contains a control character (U+000A)"),
+                       (4, "tab\tid", "id contains a control character (U+0009)"),
+                       (5, "trail ", "id has leading or trailing whitespace")]
+    frame, _ = read_embeddings(emb)
+    assert list(frame["id"]) == ["ok", "a  b"]  # kept exactly: inner spaces are not collapsed
+
+    # An embedding file made elsewhere with such ids: the index refuses them with the same reasons.
+    table = pq.read_table(emb)
+    made = tmp_path / "made.parquet"
+    pq.write_table(table.set_column(0, "id", pa.array([" padded", "a  b"])), made)
+    ix = tmp_path / "index"
+    assert main(["index", str(made), "--out", str(ix)]) == 0
+    from item_embed.index.product_index import REPORT_FILE, ProductIndex
+
+    ix_report = json.loads((ix / REPORT_FILE).read_text())
+    assert [(p["row"], p["id"], p["reason"]) for p in ix_report["problems"]] == [
+        (0, " padded", "id has leading or trailing whitespace")]
+    assert ProductIndex.load(ix).ids == ["a  b"]
+    capsys.readouterr()
+    assert main(["search", "--index", str(ix), "--id", "a  b", "-k", "1", "--json"]) == 0
+
+
+def test_embed_reports_malformed_csv_lines_and_strict_names_the_line(tiny_run, tmp_path, capsys):
+    catalog = tmp_path / "bad.csv"
+    catalog.write_text('id,title\n'
+                       'p1,red shoe\n'
+                       'p2,blue shoe,EXTRA\n'
+                       'p3,"green shoe\n'
+                       'p4,black shoe\n'
+                       'p5\n'
+                       'p6,"white, shoe"\n')
+    out = tmp_path / "emb.parquet"
+    assert main(["embed", str(catalog), "--model", str(tiny_run), "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "emb.report.json").read_text())
+    assert report["rows_in"] == 6 == report["rows_used"] + report["rows_reported"]
+    assert [(p["row"], p["id"], p["reason"]) for p in report["problems"]] == [
+        (1, "p2", "bad CSV line: line 3 has 3 fields, the header has 2"),
+        (2, "p3", ("bad CSV line: line 4 has 3 fields, the header has 2 (the record runs on to line 7: "
+                   "a quote that is never closed?)")),
+        (4, "p5", "bad CSV line: line 6 has 1 field, the header has 2"),
+    ]
+    assert report["reported_by_reason"] == {"bad CSV line": 3}
+    frame, _ = read_embeddings(out)
+    assert list(frame["id"]) == ["p1", "p4", "p6"] and frame["title"].tolist()[-1] == "white, shoe"
+    assert "skipped row 1 (id 'p2'): bad CSV line: line 3" in capsys.readouterr().out
+
+    assert main(["embed", str(catalog), "--model", str(tiny_run), "--out", str(tmp_path / "x.parquet"),
+                 "--no-progress", "--strict"]) == 2
+    assert "row 1 (id 'p2'): bad CSV line: line 3 has 3 fields, the header has 2" in capsys.readouterr().err

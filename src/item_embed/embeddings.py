@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import embed_parts
-from .checkpoint import sha256_file
+from .checkpoint import fsync_path, sha256_file
 from .data.catalog import Catalog, CatalogReport
 from .embed_parts import MANIFEST, PART_ROWS
 from .encode import ItemEncoder
@@ -52,6 +52,7 @@ class ParquetStream:
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
         self.tmp.replace(self.out)
+        fsync_path(self.out.parent)  # the rename itself survives a power cut
         return True
 
     def __enter__(self) -> "ParquetStream":
@@ -260,5 +261,6 @@ def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
         emb = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
     else:
         emb = np.stack(col.to_pylist())
-    frame = table.drop_columns([EMBEDDING]).to_pandas()
+    # Integer columns with nulls as Python ints (pyarrow would make them float64, altering ids past 2**53).
+    frame = table.drop_columns([EMBEDDING]).to_pandas(integer_object_nulls=True)
     return frame, emb.astype(np.float32, copy=False)

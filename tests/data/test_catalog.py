@@ -591,3 +591,207 @@ def test_embed_streams_carried_columns(tmp_path: Path) -> None:
     for raw, products in catalog.iter_rows_and_products(S, chunk_size=4):
         for p in products:
             assert raw.loc[p.row, "id"] == p.id and raw.loc[p.row, "brand"] == "acme"
+
+
+# --------------------------------------------------------------------------- exact ids (issue 27, item 4)
+
+BIG = 2**53  # the first integer where float64 starts skipping: 2**53 + 1 has no float
+
+
+def _big_int_parquet(path: Path, **write) -> tuple[Path, list[int | None]]:
+    """An int64 id column with a null, written by pyarrow alone (no pandas metadata, as Spark or
+    DuckDB write it): pyarrow's default conversion would make it float64."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids: list[int | None] = [BIG + i for i in range(30)]
+    ids.insert(7, None)
+    table = pa.table({"id": pa.array(ids, pa.int64()), "title": [f"product {i}" for i in range(len(ids))],
+                      "sku": pa.array(ids, pa.int64())})
+    pq.write_table(table, path, **write)
+    return path, ids
+
+
+@pytest.mark.parametrize("chunk_size", [4, 512])
+def test_parquet_int64_ids_near_2_53_with_a_null_stay_exact(tmp_path: Path, chunk_size: int) -> None:
+    path, ids = _big_int_parquet(tmp_path / "big.parquet", row_group_size=8)
+    exact = [str(i) for i in ids if i is not None]
+    catalog = Catalog.open(path)
+    chunks, report = run(catalog, chunk_size=chunk_size)
+    assert [p.id for c in chunks for p in c] == exact  # 9007199254740993 is not "9007199254740992"
+    assert [(p.row, p.reason) for p in report.problems] == [(7, "missing id")]  # no false duplicates
+    assert (report.rows_in, report.used) == (31, 30)
+    report.check_accounting()
+    # The whole table in memory, and a contiguous share (ids before it decided from the id column).
+    assert [p.id for p in Catalog(read_table(path)).load_all(S)] == exact
+    assert list(read_table(path)["sku"]) == ids
+    assert _rows_of(catalog, shard=(1, 2)) == _rows_of(Catalog(read_table(path)), shard=(1, 2))
+    assert catalog.first_rows_by_id(31) == {pid: row for row, pid in enumerate(map(str, ids)) if pid != "None"}
+
+
+def test_jsonl_int_ids_past_float_and_int64_stay_exact(tmp_path: Path) -> None:
+    ids = [BIG + 1, None, BIG + 3, 2**64 + 5, -(2**63), 12]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "title": "t"}) + "\n" for i in ids))
+    chunks, report = run(Catalog.open(path))
+    assert [p.id for p in chunks[0]] == [str(i) for i in ids if i is not None]
+    assert [(p.row, p.reason) for p in report.problems] == [(1, "missing id")]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("a  b", "a  b"),  # inner spaces are kept as they are, not collapsed
+        ("SKU-1/é", "SKU-1/é"),
+        (np.int64(BIG + 1), str(BIG + 1)),
+        (2**70, str(2**70)),
+        (3.0, "3"),  # a whole float within 2**53: that integer
+        (float(BIG), str(BIG)),
+        ("Ünïcödé ✓".encode(), "Ünïcödé ✓"),
+        (" pad", "id has leading or trailing whitespace"),
+        ("pad ", "id has leading or trailing whitespace"),
+        ("nb\u00a0sp\u00a0", "id has leading or trailing whitespace"),
+        ("new\nline", "id contains a control character (U+000A)"),
+        ("tail\n", "id contains a control character (U+000A)"),
+        ("tab\tid", "id contains a control character (U+0009)"),
+        ("nul\x00id", "id contains a control character (U+0000)"),
+        ("line\u2028sep", "id contains a control character (U+2028)"),
+        (1.5, "id is a fractional number (1.5)"),
+        (float(BIG) * 4, "id is a float beyond 2**53"),
+        (b"\xff", "id is not valid UTF-8"),
+    ],
+)
+def test_id_policy(value, expected: str) -> None:
+    """An id is kept exactly or its row refused with the reason; never rewritten."""
+    frame = pd.DataFrame({"id": pd.Series([value, "other"], dtype=object), "title": ["T", "U"]})
+    chunks, report = run(Catalog(frame))
+    if not expected.startswith("id "):
+        assert [p.id for p in chunks[0]] == [expected, "other"] and not report.problems
+        return
+    [problem] = report.problems
+    assert problem.row == 0 and problem.reason.startswith(expected)
+    shown = None if isinstance(value, bytes) else value if isinstance(value, str) else repr(value)
+    assert problem.id == shown  # the refused id as it is (JSON escapes it in the report file)
+    assert [p.id for p in chunks[0]] == ["other"]
+    with pytest.raises(CatalogError, match="row 0"):
+        run(Catalog(frame), strict=True)
+
+
+def test_csv_ids_with_padding_or_newlines_are_refused_and_reported_as_they_are(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "title"], ["ok", "A"], [" padded ", "B"], ["two\nlines", "C"],
+                                 ["a  b", "D"], ["ok2", "E"]])
+    chunks, report = run(Catalog.open(path), chunk_size=2)
+    assert [p.id for c in chunks for p in c] == ["ok", "a  b", "ok2"]
+    written = json.loads(report.write(tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert [(p["row"], p["id"], p["reason"]) for p in written["problems"]] == [
+        (1, " padded ", "id has leading or trailing whitespace"),
+        (2, "two\nlines", "id contains a control character (U+000A)"),
+    ]
+
+
+# --------------------------------------------------------------------------- malformed CSV lines (issue 27, item 6)
+
+# Physical lines: 1 header, 2 good, 3 extra field, 4 good, 5 short, 6 blank, 7 a quote never closed
+# that a later quote "closes" (the record swallows lines 8-9 and has too many fields), 8-9 good rows
+# read again from line 8, 10 a legitimate quoted title over two lines (10-11), 12 good, 13 a quote
+# never closed at all, 14 good (read again after the end is reached inside the quote).
+BAD_CSV = (
+    'id,title,brand\n'
+    'a,Mug,acme\n'
+    'b,Plate,acme,EXTRA\n'
+    'c,Cup,acme\n'
+    'd,Short\n'
+    '\n'
+    'e,"Bowl,acme\n'
+    'f,Spoon,acme\n'
+    'g,"Fork, steel",acme\n'
+    'h,"Two\nline title",acme\n'
+    'i,Knife,acme\n'
+    'j,"Never closed,acme\n'
+    'k,Glass,acme\n'
+)
+BAD_CSV_USED = ["a", "c", "f", "g", "h", "i", "k"]
+BAD_CSV_REPORTED = [
+    (1, "b", "bad {kind} line: line 3 has 4 fields, the header has 3"),
+    (3, "d", "bad {kind} line: line 5 has 2 fields, the header has 3"),
+    (4, "e", ("bad {kind} line: line 7 has 4 fields, the header has 3 (the record runs on to line 9: "
+              "a quote that is never closed?)")),
+    (9, "j", "bad {kind} line: line 13 opens a quote that is never closed"),
+]
+
+
+def _bad_delimited(tmp_path: Path, suffix: str) -> Path:
+    path = tmp_path / f"bad.{suffix}"
+    path.write_text(BAD_CSV if suffix == "csv" else BAD_CSV.replace(",", "\t"), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 512])
+def test_malformed_csv_lines_are_bad_rows_and_reading_goes_on(tmp_path: Path, suffix: str, chunk_size: int) -> None:
+    path = _bad_delimited(tmp_path, suffix)
+    catalog = Catalog.open(path)
+    used, problems = _rows_of(catalog, chunk_size=chunk_size)
+    assert [pid for _, pid, _, _ in used] == BAD_CSV_USED
+    assert problems == [(r, i, reason.format(kind=suffix.upper())) for r, i, reason in BAD_CSV_REPORTED]
+    texts = {pid: text for _, pid, text, _ in used}
+    assert texts["g"] == ("Fork, steel" if suffix == "csv" else "Fork steel")  # a quoted delimiter (TSV: a tab)
+    assert texts["h"] == "Two line title"
+    assert len(catalog) == len(used) + len(problems) == 11  # rows in = used + reported; blank lines are no rows
+    # Row numbers agree between the stream, the table read whole, and the shares of a sharded run.
+    in_memory = Catalog(read_table(path), source=str(path))
+    assert _rows_of(in_memory, chunk_size=chunk_size) == (used, problems)
+    for rank in range(3):
+        assert _rows_of(catalog, chunk_size=chunk_size, shard=(rank, 3)) == \
+            _rows_of(in_memory, chunk_size=chunk_size, shard=(rank, 3))
+    assert catalog.extra_columns == ["title", "brand"]  # the problem marker is no carried column
+    from item_embed.data import shards, tables
+
+    assert tables.PROBLEM == shards.PROBLEM  # one marker for rows a reader could not build
+
+
+def test_malformed_csv_line_under_strict_stops_with_its_line(tmp_path: Path) -> None:
+    catalog = Catalog.open(_bad_delimited(tmp_path, "csv"))
+    with pytest.raises(CatalogError) as info:
+        run(catalog, strict=True)
+    assert str(info.value) == f"{catalog.source}: row 1 (id 'b'): bad CSV line: line 3 has 4 fields, the header has 3"
+
+
+def test_csv_quote_never_closed_on_the_last_line_and_header_errors(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text('id,title\r\na,A\r\nb,"B')  # no newline at the end either
+    chunks, report = run(Catalog.open(path))
+    assert [p.id for p in chunks[0]] == ["a"]
+    assert [(p.row, p.id, p.reason) for p in report.problems] == [
+        (1, "b", "bad CSV line: line 3 opens a quote that is never closed")]
+    path.write_text('id,"title\na,A\n')
+    with pytest.raises(CatalogError, match="bad CSV header: line 1 opens a quote that is never closed"):
+        Catalog.open(path)
+    path.write_text("")
+    with pytest.raises(CatalogError, match="empty"):
+        Catalog.open(path)
+
+
+def test_csv_runaway_quote_is_bounded(tmp_path: Path) -> None:
+    """A stray quote does not swallow the rest of a large file: past the csv module's field limit the
+    record is one bad row and the following lines are read again."""
+    rows = [f"p{i},{'x' * 200},acme" for i in range(1000)]
+    path = tmp_path / "c.csv"
+    path.write_text("id,title,brand\n" + 'stray,"oops,acme\n' + "\n".join(rows) + '\nlast,"quoted",acme\n')
+    chunks, report = run(Catalog.open(path), chunk_size=64)
+    assert len([p for c in chunks for p in c]) == 1001
+    [problem] = report.problems
+    assert (problem.row, problem.id) == (0, "stray") and problem.reason.startswith("bad CSV line: line 2")
+    report.check_accounting()
+
+
+def test_jsonl_bad_lines_are_bad_rows(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a", "title": "A"}\n{"id": "b", "title": \n\n[1, 2]\n{"id": "c", "title": "C\u2028D"}\n')
+    chunks, report = run(Catalog.open(path))
+    assert [(p.id, p.text) for p in chunks[0]] == [("a", "A"), ("c", "C D")]
+    assert [(p.row, p.reason.split(":")[0]) for p in report.problems] == [(1, "bad JSON line"), (2, "bad JSON line")]
+    assert "line 2" in report.problems[0].reason and "line 4 holds a JSON list" in report.problems[1].reason
+    report.check_accounting()

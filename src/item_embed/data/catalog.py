@@ -3,6 +3,8 @@ product, validated row by row.
 
 Every row read is either used or reported with its reason: rows in = rows used + rows reported.
 By default bad rows are skipped and listed in a report; ``strict=True`` makes the first fatal.
+Ids are kept exactly as the catalog spells them, or their row is refused (:mod:`.ids`); a CSV/TSV or
+JSONL line that cannot be a row is a bad row too (:mod:`.tables`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from . import remote
+from .ids import IdError, product_id
 from .images import ImageError, ImageLimits, load_image_array, resolve_location
 from .remote import FetchError, FetchOptions, fetch_bytes
 from .shards import PROBLEM, ShardTable, is_shard_spec
@@ -296,10 +299,12 @@ class Catalog:
         """Columns carried through untouched (everything but the image itself)."""
         return [c for c in self.column_names if c not in (self.columns.id, self.columns.image)]
 
-    def _id_values(self) -> list[Any]:
-        if self._frame is not None:
-            return self._frame[self.columns.id].tolist()
-        return [v for part in self._table.iter_frames(1 << 16, [self.columns.id]) for v in part[self.columns.id]]
+    def _id_values(self) -> Iterator[tuple[Any, Any]]:
+        """(id cell, the reader's problem or None) of every row, in order."""
+        parts = [self._frame] if self._frame is not None else self._table.iter_frames(1 << 16, [self.columns.id])
+        for part in parts:
+            problems = part[PROBLEM] if PROBLEM in part else [None] * len(part)
+            yield from zip(part[self.columns.id], problems)
 
     def iter_parts(self, start: int = 0, stop: int | None = None, chunk_size: int = 512) -> Iterator[pd.DataFrame]:
         """Rows ``[start, stop)`` (``stop`` None: to the end) as DataFrames of at most ``chunk_size`` rows,
@@ -434,12 +439,14 @@ class Catalog:
     def first_rows_by_id(self, before: int) -> dict[str, int]:
         """First row of every id among rows [0, before): what an earlier shard has claimed."""
         first: dict[str, int] = {}
-        for row, raw in enumerate(self._id_values()[:before]):
-            if isinstance(raw, float) and raw.is_integer():
-                raw = int(raw)
+        for row, (raw, problem) in enumerate(self._id_values()):
+            if row >= before:
+                break
+            if not _is_missing(problem):  # a row the reader could not build claims nothing
+                continue
             try:
-                pid = _clean_text(raw, "id")
-            except ValueError:
+                pid = product_id(raw)
+            except IdError:
                 continue
             if pid is not None:
                 first.setdefault(pid, row)
@@ -454,14 +461,13 @@ class Catalog:
         limits: ImageLimits | None,
     ) -> Product | Problem:
         c = self.columns
-        raw_id = rec.get(c.id)
-        if isinstance(raw_id, float) and raw_id.is_integer():
-            raw_id = int(raw_id)  # integer ids in a column that also has nulls arrive as floats
         try:
-            pid = _clean_text(raw_id, "id")
-        except ValueError as e:
-            return Problem(row, None, str(e))
-        if not _is_missing(rec.get(PROBLEM)):  # a sample the shard reader could not build
+            pid = product_id(rec.get(c.id))  # exact, or refused: see ids.py
+        except IdError as e:
+            if not _is_missing(rec.get(PROBLEM)):
+                return Problem(row, None, str(rec[PROBLEM]))
+            return Problem(row, e.shown, str(e))
+        if not _is_missing(rec.get(PROBLEM)):  # a row the reader could not build (bad CSV line, shard sample)
             return Problem(row, pid, str(rec[PROBLEM]))
         if pid is None:
             return Problem(row, None, "missing id")
