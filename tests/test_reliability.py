@@ -19,6 +19,7 @@ import csv
 import importlib.util
 import io
 import json
+import os
 import random
 import select
 import socket
@@ -92,9 +93,31 @@ def _alpha_png() -> bytes:
     return _encode(Image.fromarray(arr, mode="RGBA"))
 
 
+def _oriented_jpeg() -> bytes:
+    """A photo stored sideways with EXIF orientation 6, as phones write them."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _encode(Image.fromarray(np.random.default_rng(2).integers(0, 256, (24, 40, 3), dtype=np.uint8)),
+                   "JPEG", exif=exif)
+
+
+class Made:
+    """An image path made by write_bad_catalog: a symlink loop, a FIFO."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+class RawLine:
+    """A CSV line written as is (malformed on purpose)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
 # (id, title, image) -> expected: None = used, else substrings of the reported reason.
-# image: bytes written to a file, a str used as the raw path, None for no image.
-# A title given as bytes is written raw (not UTF-8).
+# image: bytes written to a file, a str used as the raw path, None for no image, Made(kind) for a
+# special file. A title given as bytes is written raw (not UTF-8); a RawLine title is the whole line.
 BAD_ROWS: list[tuple[object, object, object, list[str] | None]] = [
     ("trunc-jpeg", "Truncated photo", _truncated_jpeg(), ["bad image", "corrupt or truncated"]),
     ("zero-byte", "Empty file", b"", ["bad image", "empty"]),
@@ -114,6 +137,16 @@ BAD_ROWS: list[tuple[object, object, object, list[str] | None]] = [
     ("cjk", "綿100％ Ｔシャツ（白） 무지 티셔츠", None, None),
     ("good-00", "Duplicate id, second row", _rgb(seed=7), ["duplicate id", "first seen at row 0"]),
     (None, "Row without an id", _rgb(seed=8), ["missing id"]),
+    ("exif-6", "Phone photo stored sideways", _oriented_jpeg(), None),
+    ("loop", "Symlink loop", Made("loop"), ["bad image", "symlink loop"]),
+    ("long-name", "File name over 255 bytes", "images/" + "n" * 300 + ".png", ["bad image", "file name too long"]),
+    ("a-dir", "A directory as the image", "images", ["bad image", "is a directory"]),
+    ("fifo", "A named pipe as the image", Made("fifo"), ["bad image", "FIFO"]),
+    ("dev-zero", "A device as the image", "/dev/zero", ["bad image", "device"]),
+    (" padded", "Id with padding", _rgb(seed=9), ["leading or trailing whitespace"]),
+    ("two\nlines", "Id with a newline", _rgb(seed=10), ["control character"]),
+    ("extra", RawLine("extra,Line with a surplus field,,surplus"), None, ["bad CSV line", "4 fields"]),
+    ("short", RawLine("short"), None, ["bad CSV line", "1 field"]),
 ]
 GOOD_ROWS = [(f"good-{i:02d}", f"Good product number {i}, colour {c}", _rgb(seed=100 + i), None)
              for i, c in enumerate(["red", "blue", "green", "black", "white", "grey", "pink", "navy", "teal", "tan"])]
@@ -129,6 +162,16 @@ def write_bad_catalog(folder: Path) -> Path:
     out.writerow(["id", "title", "image"])
     raw_titles = {}
     for row, (pid, title, image, _) in enumerate(ROWS):
+        if isinstance(title, RawLine):
+            buf.write(title.text + "\n")
+            continue
+        if isinstance(image, Made):
+            rel = f"images/{image.kind}"
+            if image.kind == "loop":
+                (shop / rel).symlink_to(shop / rel)
+            else:
+                os.mkfifo(shop / rel)
+            image = rel
         if isinstance(image, bytes):
             rel = f"images/row{row:02d}.img"
             (shop / rel).write_bytes(image)
