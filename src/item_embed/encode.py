@@ -62,9 +62,17 @@ class ItemEncoder:
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, device: str | None = None, precision: str = "auto",
-                        shape_slice: bool = True) -> "ItemEncoder":
+                        shape_slice: bool = True, backend: str = "torch") -> "ItemEncoder":
         """The model of ``run_dir``; ``shape_slice=False`` embeds with its [CLS] alone (the transformer's
-        own embedding, without the hand-made HOG part; another model id)."""
+        own embedding, without the hand-made HOG part; another model id). ``backend="onnx"``: the folder
+        ``item-embed export-onnx`` wrote, run by onnxruntime (``onnx_export.OnnxItemEncoder``, fp32)."""
+        from .onnx_export import OnnxItemEncoder, refuse_onnx_folder
+
+        if backend == "onnx":
+            return OnnxItemEncoder.from_pretrained(run_dir, device, precision, shape_slice)
+        if backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
+        refuse_onnx_folder(run_dir)
         model, config = load_model(Path(run_dir))
         tokenizer = load_model_tokenizer(run_dir, config, model.cfg.vocab_size)
         if not shape_slice and model.shape is not None:

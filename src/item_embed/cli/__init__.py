@@ -13,13 +13,13 @@ import sys
 
 from ..checkpoint import CheckpointError
 from ..data.catalog import CatalogError
-from . import classify, demo, embed, evaluate, search, serve, train
+from . import classify, demo, embed, evaluate, export, search, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="item-embed", description="ITEm product embeddings from images and titles.")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (demo, train, embed, evaluate, search, classify, serve):
+    for module in (demo, train, embed, evaluate, search, classify, serve, export):
         module.register(sub)
     return p
 
