@@ -18,12 +18,8 @@ No pickle anywhere: JSON, Parquet and the FAISS binary format only.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-import math
 import threading
-import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +32,8 @@ import numpy as np
 import pandas as pd
 
 from ..data.catalog import Problem
+from ..data.ids import IdError, product_id
+from ..atomic_files import remove_stale, replace_folder, temp_folder
 from ..checkpoint import fsync_path, sha256_file
 
 FORMAT_VERSION = 1
@@ -52,6 +50,7 @@ RECALL_QUERIES = 1000
 # FAISS warns below 39 training points per centroid: centroids trained on fewer are noise.
 MIN_POINTS_PER_LIST = 39
 SEARCH_CHUNK = 1024
+FILTER_SCAN_CHUNK = 32768  # filtered hnsw/ivf search: stored vectors scanned at once
 
 
 def search(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,19 +124,13 @@ class IndexReport:
         return "\n".join(lines)
 
 
-def _row_id(value) -> str | None:
-    """An id cell as a string; None when missing or blank (integer floats written as ints)."""
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, (float, np.floating)):
-        if math.isnan(value):
-            return None
-        if float(value).is_integer():
-            value = int(value)
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value).decode("utf-8", "replace")
-    text = str(value)
-    return text if text.strip() else None
+def _row_id(value) -> str | IdError | None:
+    """An id cell as exact text by the catalog's rule (``data.ids``); None when missing or blank, the
+    error when refused."""
+    try:
+        return product_id(value)
+    except IdError as e:
+        return e
 
 
 def _vectors_of(col, declared: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -191,13 +184,17 @@ def read_embedding_rows(path: str | Path, strict: bool = False,
         finite = np.isfinite(vectors).all(axis=1)
         nonzero = (vectors != 0).any(axis=1)
     ids = [_row_id(v) for v in table.column("id").to_pylist()]
+    refused = {row: pid for row, pid in enumerate(ids) if isinstance(pid, IdError)}
+    ids = [None if isinstance(pid, IdError) else pid for pid in ids]
 
     keep: list[int] = []
     first: dict[str, int] = {}
     for row in range(n):
         report.rows_in += 1
         pid = ids[row]
-        if pid is None:
+        if row in refused:
+            pid, reason = refused[row].shown, str(refused[row])
+        elif pid is None:
             reason = "missing id"
         elif not present[row]:
             reason = "no embedding: the value is null"
@@ -317,6 +314,20 @@ def _new_faiss_index(spec: IndexSpec, x: np.ndarray) -> faiss.Index:
     # The hashtable direct map lets reconstruct() (vector(id)) and remove_ids() work by label.
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
     return ivf
+
+
+def _faiss_kind(index: faiss.Index) -> str | None:
+    """The kind (flat, hnsw, ivf) a FAISS index read from disk was built as by ``_new_faiss_index``;
+    None for any other structure."""
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf"
+    if isinstance(index, faiss.IndexIDMap):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            return "hnsw"
+        if isinstance(inner, faiss.IndexFlat):
+            return "flat"
+    return None
 
 
 def _resolve_ivf(spec: IndexSpec, n: int) -> IndexSpec:
@@ -551,28 +562,35 @@ class ProductIndex:
             params.sel = self._filter[1]
         return params
 
-    def search(self, queries: np.ndarray, k: int = 10, exclude: list[set[str]] | None = None) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int = 10, exclude: list[set[str]] | None = None,
+               filter=None) -> list[list[Hit]]:
         """Top-k products for each query vector.
 
         queries: (q, d) or (d,), normalised here; exclude: per query, ids never to return (e.g.
-        the query product itself). Returns q lists of up to k hits, best first.
+        the query product itself); filter: a metadata filter (text such as ``category == "bag" and
+        price < 10``, see ``index.filters``, or a parsed ``Filter``): only products passing it are
+        returned, and their top-k is exact whatever the kind. Returns q lists of up to k hits, best first.
         """
         with self._lock.read():
-            return self._search(queries, k, exclude)
+            return self._search(queries, k, exclude, filter)
 
-    def _search(self, queries: np.ndarray, k: int, exclude: list[set[str]] | None) -> list[list[Hit]]:
+    def _search(self, queries: np.ndarray, k: int, exclude: list[set[str]] | None, filter=None) -> list[list[Hit]]:
         q = _normalised(queries, self.dim, "queries")
         if exclude is not None and len(exclude) != len(q):
             raise ValueError(f"exclude has {len(exclude)} sets for {len(q)} queries")
-        if len(self) == 0 or k <= 0:
+        allowed = self._filter_rows(filter) if filter is not None else None
+        if len(self) == 0 or k <= 0 or (allowed is not None and not len(allowed)):
             return [[] for _ in range(len(q))]
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         # Fetching as many extra as could be excluded keeps the filtered top-k exact.
-        fetch = min(k + extra, len(self))
-        scores, labels = self._index.search(q, fetch, params=self._search_params())  # (q, fetch) each
-        rows = np.minimum(np.searchsorted(self._labels, labels), len(self._labels) - 1)
-        # A label with no live row (-1 padding, or a removed product) is never reported as another product.
-        known = (labels >= 0) & (self._labels[rows] == labels)
+        fetch = min(k + extra, len(self) if allowed is None else len(allowed))
+        if allowed is not None:
+            scores, rows, known = self._search_rows(q, fetch, allowed)
+        else:
+            scores, labels = self._index.search(q, fetch, params=self._search_params())  # (q, fetch) each
+            rows = np.minimum(np.searchsorted(self._labels, labels), len(self._labels) - 1)
+            # A label with no live row (-1 padding, or a removed product) is never reported as another product.
+            known = (labels >= 0) & (self._labels[rows] == labels)
         out = []
         for i in range(len(q)):
             skip = exclude[i] if exclude else ()
@@ -589,10 +607,42 @@ class ProductIndex:
             out.append(hits)
         return out
 
-    def search_id(self, product_id: str, k: int = 10) -> list[Hit]:
-        """The k products nearest to an indexed product, itself excluded."""
+    def _filter_rows(self, filter) -> np.ndarray:
+        """Rows (ascending) whose metadata passes ``filter`` (text or a parsed ``Filter``), exactly."""
+        from .filters import Filter, parse_filter
+
+        f = filter if isinstance(filter, Filter) else parse_filter(filter, self._metadata)
+        return np.flatnonzero(f.mask(self._metadata))
+
+    def _search_rows(self, q: np.ndarray, fetch: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact top-``fetch`` over the given rows only: (scores, rows, known) as the search loop takes them.
+
+        flat: FAISS searches with a selector of the rows' labels (exact, no copy). hnsw/ivf would
+        miss neighbours behind a selector, so the rows' stored vectors are scanned exactly, in chunks.
+        """
+        labels = np.ascontiguousarray(self._labels[rows])
+        if self._spec.kind == "flat":
+            selector = faiss.IDSelectorBatch(labels)
+            scores, found = self._index.search(q, fetch, params=faiss.SearchParameters(sel=selector))
+            at = np.minimum(np.searchsorted(self._labels, found), len(self._labels) - 1)
+            return scores, at, (found >= 0) & (self._labels[at] == found)
+        best_scores = np.full((len(q), 0), -np.inf, dtype=np.float32)
+        best_rows = np.zeros((len(q), 0), dtype=np.int64)
+        for start in range(0, len(rows), FILTER_SCAN_CHUNK):
+            part = rows[start : start + FILTER_SCAN_CHUNK]
+            scores, idx = search(q, self._index.reconstruct_batch(labels[start : start + len(part)]), fetch)
+            # Earlier rows first, then a stable sort: ties go to the lower row, as in `search`.
+            both_scores = np.concatenate([best_scores, scores], axis=1)
+            both_rows = np.concatenate([best_rows, part[idx]], axis=1)
+            order = np.argsort(-both_scores, axis=1, kind="stable")[:, :fetch]
+            best_scores = np.take_along_axis(both_scores, order, axis=1)
+            best_rows = np.take_along_axis(both_rows, order, axis=1)
+        return best_scores, best_rows, np.ones(best_rows.shape, dtype=bool)
+
+    def search_id(self, product_id: str, k: int = 10, filter=None) -> list[Hit]:
+        """The k products nearest to an indexed product, itself excluded (``filter``: as in ``search``)."""
         with self._lock.read():
-            return self._search(self._vector(product_id)[None, :], k, exclude=[{str(product_id)}])[0]
+            return self._search(self._vector(product_id)[None, :], k, exclude=[{str(product_id)}], filter=filter)[0]
 
     def vector(self, product_id: str) -> np.ndarray:
         """The stored (normalised) float32 (d,) vector of a product."""
@@ -681,7 +731,8 @@ class ProductIndex:
         if target.exists() and not is_index and (not target.is_dir() or any(target.iterdir())):
             raise ValueError(f"refusing to overwrite {target}: it exists and is not an item-embed index")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        remove_stale(target.parent, target.name)
+        tmp = temp_folder(target)
         try:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             pd.DataFrame({"id": pd.Series(self._ids, dtype="string"), "label": self._labels}).to_parquet(
@@ -708,30 +759,12 @@ class ProductIndex:
             for name in (*DATA_FILES, MANIFEST_FILE, *extra, *kept):
                 fsync_path(tmp / name)
             fsync_path(tmp)
-            self._swap_into_place(tmp, target)
+            replace_folder(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._manifest = manifest
         return target
-
-    @staticmethod
-    def _swap_into_place(tmp: Path, target: Path) -> None:
-        """Rename ``tmp`` to ``target``. A directory cannot replace a non-empty one in one rename, so an
-        existing index is moved aside first and put back if the second rename fails."""
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        had_old = target.exists()
-        if had_old:
-            os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if had_old:
-                os.replace(old, target)
-            raise
-        fsync_path(target.parent)
-        if had_old:
-            shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: str | Path, expected_model_id: str | None = None) -> "ProductIndex":
@@ -769,6 +802,12 @@ class ProductIndex:
             metadata = pd.read_parquet(d / METADATA_FILE)
         except Exception as e:  # the checksums matched, so this is a writer/reader mismatch
             raise IndexLoadError(f"{d}: cannot read the index files ({e})") from None
+        held = _faiss_kind(index)
+        if held != manifest["kind"]:
+            raise IndexLoadError(f"{d}: {MANIFEST_FILE} says kind {manifest['kind']!r} but {INDEX_FILE} holds "
+                                 f"{'kind ' + repr(held) if held else 'an index of no known kind'} "
+                                 f"({type(index).__name__}): the files do not belong together, rebuild the index "
+                                 "with `item-embed index`")
         if not len(metadata.columns):
             # Parquet keeps no row count for a table without columns.
             metadata = pd.DataFrame(index=range(len(table)))
