@@ -21,17 +21,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..data.catalog import Columns
     from ..index.product_index import IndexLoadError
     from ..serve.app import load_service
+    from ..serve.memory import tune_allocator
+    from ..serve.server import HostPolicy, deadline_protocol
 
-    if a.max_upload_mb <= 0:
-        raise ValueError(f"--max-upload-mb must be positive, not {a.max_upload_mb}")
+    for name in ("max_upload_mb", "max_upload_mpx", "decode_memory_mb", "read_timeout"):
+        if getattr(a, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(a, name)}")
     if a.threads < 1:
         raise ValueError(f"--threads must be at least 1, not {a.threads}")
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(levelname)s:     %(name)s: %(message)s")
+    # Before the model loads and the worker threads start: freed image memory goes back to the system.
+    tune_allocator()
     columns = Columns(id=a.id_column, title=a.title_column, image=a.image_column)
+    hosts = HostPolicy.for_bind(a.host, a.allowed_host or ())
     try:
         app = load_service(a.model, a.index, a.classifier, a.catalog, a.image_root, columns=columns, device=a.device,
                            precision=a.precision, max_upload_bytes=int(a.max_upload_mb * 1_000_000), threads=a.threads,
-                           title_column=a.title_column)
+                           title_column=a.title_column, max_upload_pixels=int(a.max_upload_mpx * 1_000_000),
+                           decode_memory_mb=a.decode_memory_mb, allowed_hosts=hosts)
     except (IndexLoadError, CheckpointError) as e:
         print(f"item-embed serve: error: {e}", file=sys.stderr)
         return 2
@@ -46,7 +53,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"warning: listening on {a.host}: reachable from other machines; the API has no authentication",
               file=sys.stderr)
     with _reload_on_sighup(app.state.service):
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, http=deadline_protocol(a.read_timeout),
+                    timeout_keep_alive=KEEP_ALIVE_S)
     return 0
 
 
@@ -87,6 +95,9 @@ def _reload_on_sighup(service) -> Iterator[None]:
         watcher.join(5)
 
 
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+
+
 class ServeHelp(argparse.RawDescriptionHelpFormatter, HelpFormatter):
     """Keeps the description's line breaks and shows each option's default."""
 
@@ -103,7 +114,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "  The new index is verified (checksums, the model that built it, a probe search)\n"
                               "  and swapped in while requests run; requests already running finish on the old one.\n"
                               "  A refused index is logged and the old one keeps serving. /health reports\n"
-                              "  index_generation (accepted reloads), index_loaded and last_reload (ok/refused).")
+                              "  index_generation (accepted reloads), index_loaded and last_reload (ok/refused).\n"
+                              "\n"
+                              "Limits:\n"
+                              "  an upload is refused (413) over --max-upload-mb bytes, over --max-upload-mpx\n"
+                              "  megapixels (read from its header, before decoding), or when decoding it would\n"
+                              "  need more than --decode-memory-mb (estimated from its size, mode and bit depth).\n"
+                              "  Decodes running at once share --decode-memory-mb; large images are reduced as\n"
+                              "  they decode. A request must arrive (headers and body) within --read-timeout\n"
+                              "  seconds (408 and closed otherwise). Requests whose Host header is not a name of\n"
+                              "  the bound address get 400 (DNS rebinding): add names with --allowed-host.")
     s.add_argument("--model", required=True, help="run folder of the model that built the index")
     s.add_argument("--index", required=True, help="index folder from `item-embed index` (refused if built by another model)")
     s.add_argument("--classifier", help="classifier folder from `item-embed classify fit`: predicted labels on results")
@@ -117,7 +137,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted image upload in MB")
+    s.add_argument("--max-upload-mpx", type=float, default=16.0,
+                   help="largest accepted image upload in megapixels (catalog images: 40)")
+    s.add_argument("--decode-memory-mb", type=float, default=512.0,
+                   help="memory that image decodes may hold at once, in MiB; an upload needing more is refused")
     s.add_argument("--threads", type=int, default=2, help="image decodes + model forward passes run at once")
+    s.add_argument("--read-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a whole request (headers and body); 408 after")
+    s.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name to answer besides those of --host (repeatable; '*': any), e.g. the DNS "
+                        "name clients use or the one a proxy passes on")
     add_device_arg(s)
     add_precision_arg(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

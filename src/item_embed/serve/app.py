@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Iterable
 
 from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -21,7 +21,9 @@ from ..data.images import DEFAULT_MAX_PIXELS, ImageLimits
 from ..encode import ItemEncoder
 from ..index.product_index import ProductIndex
 from .product_images import ProductImages, clean_id
+from .memory import DEFAULT_DECODE_MEMORY_MB, DEFAULT_UPLOAD_MAX_PIXELS, MIB
 from .schemas import ClassifyOut, EmbedOut, HealthOut, ProductOut, SearchOut
+from .server import HostPolicy
 from .service import DEFAULT_MAX_UPLOAD_BYTES, MAX_K, SearchQuery, SearchService, ServiceLoadError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,26 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
+class _HostCheck:
+    """400 for a request whose Host header is not one of the service's names (DNS rebinding: a page
+    of another site whose name was re-pointed at this address would otherwise be answered)."""
+
+    def __init__(self, app, policy: HostPolicy) -> None:
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        host = Headers(scope=scope).get("host")
+        if self.policy.allows(host):
+            return await self.app(scope, receive, send)
+        shown = (host or "")[:100]
+        response = JSONResponse({"detail": f"Host {shown!r} is not served here: start item-embed serve with "
+                                           "--allowed-host NAME for each name clients use"},
+                                status_code=400, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
 ImageField = Annotated[UploadFile | None, File(description="query image (JPEG, PNG, WebP, ...)")]
 TitleField = Annotated[str | None, Form(description="query title")]
 KForm = Annotated[int, Form(ge=1, le=MAX_K, description="number of results")]
@@ -83,7 +105,9 @@ def _first_error(errors: list[dict]) -> str:
 def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catalog: Catalog | ProductImages | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS, *,
                threads: int = 2, title_column: str = "title", index_dir: str | Path | None = None,
-               images_loader: Callable[[ProductIndex], ProductImages | None] | None = None) -> FastAPI:
+               images_loader: Callable[[ProductIndex], ProductImages | None] | None = None,
+               max_upload_pixels: int = DEFAULT_UPLOAD_MAX_PIXELS, decode_memory_mb: float = DEFAULT_DECODE_MEMORY_MB,
+               allowed_hosts: HostPolicy | Iterable[str] | None = None) -> FastAPI:
     """The search app over loaded objects.
 
     encoder: the model that built ``index`` (checked by model id); classifier: a
@@ -91,7 +115,10 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
     product images come from (a ``Catalog`` or ``ProductImages``; None: no images);
     max_upload_bytes: largest accepted image upload (the whole request body gets a little more
     for the multipart framing and the title); max_pixels: pixel cap checked on the image header
-    before decoding; threads: image decodes + forward passes allowed to run at once; index_dir:
+    before decoding (catalog images and uploads); max_upload_pixels: a lower cap for uploads;
+    decode_memory_mb: what image decodes may hold at once (an upload that would need more alone is
+    refused); threads: image decodes + forward passes allowed to run at once; allowed_hosts: the
+    Host names answered (a HostPolicy or names; None: any, as for a library or test client); index_dir:
     where ``app.state.service.reload_index()`` reads a rebuilt index from; images_loader: catalog
     images for a reloaded index (default: re-read from ``catalog`` when it is a Catalog, else kept).
     """
@@ -103,7 +130,8 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
         if images_loader is None:
             images_loader = lambda new: ProductImages.from_catalog(catalog, new.ids, limits)  # noqa: E731
     svc = SearchService(encoder, index, classifier, images, max_upload_bytes, max_pixels, threads, title_column,
-                        index_dir=index_dir, images_loader=images_loader)
+                        index_dir=index_dir, images_loader=images_loader, max_upload_pixels=max_upload_pixels,
+                        decode_memory_bytes=int(decode_memory_mb * MIB))
     body_limit = int(max_upload_bytes) + FORM_OVERHEAD_BYTES
 
     app = FastAPI(
@@ -116,6 +144,10 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
 
     app.add_middleware(_BodyLimit, limit=body_limit,
                        message=f"request too large: image uploads are limited to {svc.max_upload_bytes:,} bytes")
+    if allowed_hosts is not None:  # added last: the outermost check, before anything reads the body
+        policy = allowed_hosts if isinstance(allowed_hosts, HostPolicy) else HostPolicy(frozenset(
+            h.strip().lower() for h in allowed_hosts))
+        app.add_middleware(_HostCheck, policy=policy)
     _add_error_handlers(app)
     _add_routes(app, svc)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

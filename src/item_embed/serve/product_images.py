@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -14,7 +15,8 @@ from PIL import Image
 from ..data import remote
 from ..data.catalog import Catalog
 from ..data.images import ImageError, ImageLimits, decode_image
-from ..data.remote import FetchOptions
+from ..data.remote import FetchOptions, fetch_bytes
+from .memory import DecodeBudget, decode_bounded
 
 THUMBNAIL_PX = 256
 
@@ -87,13 +89,44 @@ class ProductImages:
             raise ImageError(f"image path {value!r} is outside the image root")
         return path
 
-    def thumbnail(self, product_id: str, size: int = THUMBNAIL_PX) -> bytes:
-        """The product image decoded under the limits and re-encoded as a JPEG of at most ``size`` px."""
+    def encoded(self, product_id: str) -> bytes:
+        """The product image's encoded bytes (read from its confined path or fetched); ImageError
+        without the server's paths in the message when it cannot be had."""
+        src = self.source(product_id)
+        if isinstance(src, bytes):
+            return src
+        if isinstance(src, str):
+            return fetch_bytes(src, self.limits.max_bytes, self.fetch)
+        name = self._sources[product_id]
+        try:
+            st = src.stat()
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+                raise ImageError(f"catalog image {name!r} is not a regular file")
+            if st.st_size == 0:
+                raise ImageError(f"catalog image {name!r} is empty (0 bytes)")
+            if st.st_size > self.limits.max_bytes:
+                raise ImageError(f"catalog image {name!r} is {st.st_size:,} bytes, "
+                                 f"over the {self.limits.max_bytes:,}-byte cap")
+            return src.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"catalog image {name!r} not found") from None
+        except OSError as e:
+            raise ImageError(f"catalog image {name!r} cannot be read ({type(e).__name__})") from None
+
+    def thumbnail(self, product_id: str, size: int = THUMBNAIL_PX, budget: DecodeBudget | None = None) -> bytes:
+        """The product image decoded under the limits and re-encoded as a JPEG of at most ``size`` px.
+
+        budget: the service's decode memory budget (a catalog image needing more than all of it
+        waits to decode alone rather than being refused: the catalog is the operator's).
+        """
         with self._lock:
             cached = self._thumbs.get(product_id)
         if cached is not None:
             return cached
-        im = decode_image(self.source(product_id), None, self.limits, draft_size=size, fetch=self.fetch)
+        if budget is not None:
+            im = decode_bounded(self.encoded(product_id), size, self.limits, budget, refuse_over_budget=False)
+        else:
+            im = decode_image(self.source(product_id), None, self.limits, draft_size=size, fetch=self.fetch)
         im.thumbnail((size, size), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=88)

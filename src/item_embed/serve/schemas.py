@@ -62,6 +62,8 @@ class HealthOut(BaseModel):
     classifier: str | None = Field(description="the classifier's label column, null when none is loaded")
     images: bool = Field(description="whether product images can be served")
     max_upload_bytes: int
+    max_upload_pixels: int | None = Field(None, description="largest image upload in pixels (read from its header)")
+    decode_memory_mb: float | None = Field(None, description="memory image decodes may hold at once, MiB")
     max_k: int
     index_generation: int = Field(0, description="index swaps since start (each reload that was accepted)")
     index_loaded: str | None = Field(None, description="when the index in service was loaded (UTC)")

@@ -14,8 +14,12 @@ another model. Endpoints::
     GET  /                     the search page (static/index.html); /docs and /openapi.json
 
 Model calls are CPU-bound and run in worker threads (torch releases the GIL); a semaphore caps
-how many image decodes and forward passes run at once, so that concurrent requests neither
-oversubscribe the cores nor hold more than that many decoded images in memory.
+how many image decodes and forward passes run at once, so that concurrent requests do not
+oversubscribe the cores. Decode memory is bounded separately (``serve.memory``): each decode
+reserves its estimated bytes (pixels x bytes per pixel of the decoded mode and its conversions,
+read from the header) from one budget, an upload that needs more than the whole budget or has
+more pixels than the upload cap is refused with 413, and large images are reduced as they are
+decoded.
 Every client error is a 4xx with ``{"detail": message}``; anything unexpected is logged and
 answered with a generic 500.
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import threading
 import time
 import warnings
@@ -45,9 +50,10 @@ import pandas as pd
 from fastapi import HTTPException
 from PIL import Image
 
-from ..data.images import DEFAULT_MAX_PIXELS, ImageError, ImageLimits, decode_image
+from ..data.images import DEFAULT_MAX_PIXELS, ImageError, ImageLimits
 from ..encode import ItemEncoder
 from ..index.product_index import IndexLoadError, ProductIndex
+from .memory import DEFAULT_DECODE_MEMORY_MB, DEFAULT_UPLOAD_MAX_PIXELS, MIB, DecodeBudget, DecodeRefused, decode_bounded
 from .product_images import ProductImages
 from .schemas import ClassifyOut, HealthOut, HitOut, Prediction, ProductOut, QueryOut, SearchOut
 
@@ -72,6 +78,16 @@ class SearchQuery:
     @property
     def modalities(self) -> list[str]:
         return [name for name, v in (("image", self.image), ("title", self.title)) if v is not None]
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])(?:/|[A-Za-z]:[\\/]|\\\\)[^\s'\"()]*")
+_URI = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"()]*")
+
+
+def without_locations(message: str) -> str:
+    """``message`` with absolute paths and URIs replaced by placeholders: what a client may see of
+    an error about the server's files (the full message goes to the log)."""
+    return _ABSOLUTE_PATH.sub("<server path>", _URI.sub("<location>", message))
 
 
 def _jsonable(value: Any) -> Any:
@@ -122,13 +138,17 @@ class SearchService:
     """Encoder + index (+ classifier, + catalog images), with the checks the endpoints rely on.
 
     index_dir: where ``reload_index()`` reads a rebuilt index from; images_loader: gives the catalog
-    images for a newly loaded index (None: keep the current ones).
+    images for a newly loaded index (None: keep the current ones). max_pixels caps every image
+    (catalog and upload), max_upload_pixels uploads only; decode_memory_bytes: what image decodes
+    may hold at once (an upload that would need more is refused with 413).
     """
 
     def __init__(self, encoder: ItemEncoder, index: ProductIndex, classifier=None, images: ProductImages | None = None,
                  max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                  threads: int = 2, title_column: str = "title", *, index_dir: str | Path | None = None,
-                 images_loader: Callable[[ProductIndex], ProductImages | None] | None = None) -> None:
+                 images_loader: Callable[[ProductIndex], ProductImages | None] | None = None,
+                 max_upload_pixels: int = DEFAULT_UPLOAD_MAX_PIXELS,
+                 decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_MB * MIB) -> None:
         self.encoder = encoder
         self.check_index(index)
         self.classifier = classifier
@@ -142,6 +162,9 @@ class SearchService:
                 raise ServiceLoadError(str(e)) from None
         self.max_upload_bytes = int(max_upload_bytes)
         self.limits = ImageLimits(max_pixels=int(max_pixels), max_bytes=self.max_upload_bytes)
+        self.upload_limits = ImageLimits(max_pixels=min(int(max_pixels), int(max_upload_pixels)),
+                                         max_bytes=self.max_upload_bytes)
+        self.decode_budget = DecodeBudget(decode_memory_bytes)
         self.title_column = title_column
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._images_loader = images_loader
@@ -150,7 +173,7 @@ class SearchService:
         self.index_generation = 0
         self.last_reload: str | None = None
         # Cap concurrent decodes and forward passes: each pass already uses every core through
-        # intra-op threads, and a decoded image may take up to 3 bytes x the pixel cap.
+        # intra-op threads. What the decodes hold is capped by decode_budget.
         self._slots = threading.BoundedSemaphore(max(1, int(threads)))
         self._pred_lock = threading.Lock()
         self._warm_up()
@@ -229,7 +252,8 @@ class SearchService:
     # ------------------------------------------------------------------ queries
 
     def check_image_header(self, data: bytes) -> None:
-        """413 for images whose header claims more pixels than the cap, before any decoding."""
+        """413 for uploads whose header claims more pixels than the upload cap, before any decoding
+        (and before waiting for a slot)."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -239,8 +263,9 @@ class SearchService:
             raise HTTPException(413, f"image refused: decompression bomb ({e})") from None
         except Exception:  # not an image at all: decode_image names the problem below
             return
-        if w * h > self.limits.max_pixels:
-            raise HTTPException(413, f"image claims {w}x{h} px, over the {self.limits.max_pixels:,}-pixel cap")
+        cap = self.upload_limits.max_pixels
+        if w * h > cap:
+            raise HTTPException(413, f"image claims {w}x{h} px, over the {cap:,}-pixel cap for uploads")
 
     def embed(self, query: SearchQuery, encoder: ItemEncoder | None = None) -> np.ndarray:
         """The query's L2-normalised embedding (d,); 4xx HTTPException for an unusable query."""
@@ -258,8 +283,11 @@ class SearchService:
             return enc.encode_products([product])[0]
 
     def _decode(self, data: bytes, size: int) -> Image.Image:
+        """The upload decoded (reduced when large) under the pixel cap and the decode memory budget."""
         try:
-            return decode_image(data, None, self.limits, draft_size=size)
+            return decode_bounded(data, size, self.upload_limits, self.decode_budget)
+        except DecodeRefused as e:
+            raise HTTPException(413, f"image refused: {e}") from None
         except ImageError as e:
             raise HTTPException(422, f"unusable image: {e}") from None
         except MemoryError:
@@ -346,9 +374,12 @@ class SearchService:
             raise HTTPException(404, f"product {product_id!r} has no image in the catalog")
         try:
             with self._slots:  # decoding a catalog image takes memory like an upload does
-                return served.images.thumbnail(product_id)
+                return served.images.thumbnail(product_id, budget=self.decode_budget)
         except ImageError as e:
-            raise HTTPException(404, f"image of product {product_id!r} is not available: {e}") from None
+            # The reason may name server paths or storage URIs: those stay in the log.
+            logger.warning("image of product %r is not available: %s", product_id, e)
+            raise HTTPException(404, f"image of product {product_id!r} is not available: "
+                                     f"{without_locations(str(e))}") from None
 
     # ------------------------------------------------------------------ classifier on results
 
@@ -403,5 +434,8 @@ class SearchService:
                          dim=served.index.dim, index_kind=getattr(served.index, "kind", None),
                          classifier=(self.classifier.label_column or "label") if self.classifier is not None else None,
                          images=served.images is not None and len(served.images) > 0,
-                         max_upload_bytes=self.max_upload_bytes, max_k=MAX_K, index_generation=self.index_generation,
+                         max_upload_bytes=self.max_upload_bytes,
+                         max_upload_pixels=self.upload_limits.max_pixels,
+                         decode_memory_mb=round(self.decode_budget.total / MIB, 1), max_k=MAX_K,
+                         index_generation=self.index_generation,
                          index_loaded=served.loaded, last_reload=self.last_reload)
