@@ -1,4 +1,5 @@
-"""dedup.py: kNN-graph duplicate groups, pair metrics against hand-computed values, sweep, CLI."""
+"""dedup.py: kNN-graph duplicate groups, pair metrics against hand-computed values, sweeps, the automatic
+closeness cut on anisotropic embeddings, CLI."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import pytest
 
 from item_embed.cli import main
 from item_embed.index.dedup import (
+    Neighbourhood,
     duplicate_groups,
+    find_duplicates,
     knn_graph,
     pair_metrics,
     suggest_threshold,
     sweep,
+    sweep_margins,
 )
 
 # Six products on a circle, angles in degrees. True groups {a, b, c} and {d, e, f}, but d sits
@@ -115,11 +119,17 @@ def test_cli_dedup_writes_groups_and_metrics(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "pair precision 0.5714  recall 0.6667  F1 0.6154" in text and "2 duplicate groups covering 6" in text
 
+    # The sweep (closeness cuts, not cosines since the automatic cut): nearest-neighbour closeness is
+    # 6.6-6.7 for a, b, c, e, f and 0.41 for d, so the cut that links 90% of the products (3.53) keeps
+    # d apart: F1 0.8, the best; the other rows link only the closest pairs. Six products on a circle
+    # show no duplicate mode, and in one dimension close neighbours are common: auto links nothing.
     assert main(["dedup", str(emb), "--sweep", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    # Every threshold from 0.90 to 0.999 gives F1 0.8; the highest of them is the suggestion.
-    assert "suggested threshold: 0.999 " in text and "F1 0.8000" in text
+    assert "suggested: --margin 3.53 (best pair F1 0.8000" in text and "<- auto" in text
     assert pd.read_csv(out)["dup_group"].tolist() == [0, 0, 0, 1, 2, 2]
+    assert main(["dedup", str(emb), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "auto margin" in text and "no clear duplicate mode" in text and "0 duplicate groups" in text
 
 
 def test_cli_dedup_on_real_embeddings_without_group(tiny_catalog, tiny_run, tmp_path, capsys):
@@ -131,7 +141,120 @@ def test_cli_dedup_on_real_embeddings_without_group(tiny_catalog, tiny_run, tmp_
     assert sorted(pd.read_csv(out, dtype={"id": str})["id"]) == sorted(frame["id"].astype(str))
     assert "against 'category'" in capsys.readouterr().out
     no_group = write_file(tmp_path / "plain.parquet", circle(), IDS)
-    assert main(["dedup", str(no_group), "--out", str(out)]) == 2
-    assert "--threshold" in capsys.readouterr().err
+    # No --threshold needed any more (the automatic cut); no group column: no pair metrics.
+    assert main(["dedup", str(no_group), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "auto margin" in text and "pair precision" not in text
     assert main(["dedup", str(no_group), "--sweep", "--out", str(out)]) == 2
     assert "--group" in capsys.readouterr().err
+    assert main(["dedup", str(no_group), "--threshold", "high", "--out", str(out)]) == 2
+    assert "--threshold" in capsys.readouterr().err
+    assert main(["dedup", str(no_group), "--threshold", "0.9", "--margin", "2", "--out", str(out)]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+# The automatic cut ------------------------------------------------------------------------------------
+
+
+def planted(n_products=150, dim=32, common=6.0, noise=0.3, seed=0):
+    """Anisotropic embeddings with planted duplicates: each product listed 1-4 times (its unit vector plus
+    noise), every listing sharing a large common component, so every cosine exceeds 0.9.
+    Returns (emb (n, dim + 1) float32, true group of each listing (n,))."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_products, dim))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    groups = np.repeat(np.arange(n_products), rng.integers(1, 5, n_products))
+    listings = base[groups] + noise * rng.normal(size=(len(groups), dim)) / np.sqrt(dim)
+    return np.concatenate([listings, np.full((len(groups), 1), common)], axis=1).astype(np.float32), groups
+
+
+def ids_for(n):
+    return [f"p{i}" for i in range(n)]
+
+
+def min_cosine(emb):
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return float((x @ x.T).min())
+
+
+@pytest.mark.parametrize("noise", [0.3, 0.5])
+def test_auto_cut_recovers_planted_duplicates_where_a_fixed_cosine_joins_everything(noise):
+    emb, groups = planted(noise=noise)
+    ids = ids_for(len(emb))
+    assert min_cosine(emb) > 0.9
+    # The old way: one fixed cosine; every neighbour passes, one giant group.
+    old = duplicate_groups(emb, ids, 0.9)
+    assert np.bincount(old).max() == len(emb) and pair_metrics(old, groups)["f1"] < 0.05
+    result = find_duplicates(emb, ids)
+    assert result.auto.source == "valley" and "valley" in result.auto.describe()
+    assert pair_metrics(result.labels, groups)["f1"] >= 0.9
+    assert np.bincount(result.labels).max() <= 8  # true groups have at most 4
+
+
+def test_auto_cut_links_almost_nothing_without_duplicates():
+    rng = np.random.default_rng(1)
+    for emb in (rng.normal(size=(600, 32)) + 4.0,  # anisotropic: all cosines high
+                rng.normal(size=(20, 32))[rng.integers(0, 20, 600)] * 2 + rng.normal(size=(600, 32))):  # clusters
+        result = find_duplicates(emb, ids_for(600))
+        assert result.auto.source == "chance" and "no clear duplicate mode" in result.auto.describe()
+        sizes = np.bincount(result.labels)
+        assert sizes[sizes >= 2].sum() <= 6, "more than 1% of duplicate-free products grouped"
+
+
+def test_closeness_ignores_a_common_component():
+    # Unit vectors plus the same orthogonal component: every 1 - cos shrinks by one factor (26 here),
+    # so closeness, the automatic cut and the groups stay the same.
+    emb, _ = planted(common=0.0, noise=0.5)
+    flat = emb[:, :-1] / np.linalg.norm(emb[:, :-1], axis=1, keepdims=True)
+    shifted = np.concatenate([flat, np.full((len(flat), 1), 5.0)], axis=1).astype(np.float32)
+    a, b = Neighbourhood(flat), Neighbourhood(shifted)
+    assert np.array_equal(a.nbrs, b.nbrs)
+    np.testing.assert_allclose(a.closeness, b.closeness, atol=0.02)
+    ids = ids_for(len(flat))
+    assert find_duplicates(flat, ids).labels.tolist() == find_duplicates(shifted, ids).labels.tolist()
+
+
+def test_exact_copies_are_always_linked():
+    # 60 copies of one product (more than the background rank R = 50, so their R-th neighbour is a copy
+    # too) and 200 distinct products.
+    rng = np.random.default_rng(2)
+    emb = np.concatenate([np.repeat(rng.normal(size=(1, 16)), 60, axis=0), rng.normal(size=(200, 16))])
+    labels = find_duplicates(emb, ids_for(260)).labels
+    assert (labels[:60] == labels[0]).all() and np.bincount(labels)[labels[0]] == 60
+    # Tiny catalogs: one product; two copies; two different products.
+    assert find_duplicates(emb[:1], ["a"]).labels.tolist() == [0]
+    assert find_duplicates(emb[:2], ["a", "b"]).labels.tolist() == [0, 0]
+    assert find_duplicates(emb[59:61], ["a", "b"]).labels.tolist() == [0, 1]
+
+
+def test_sweep_margins_is_short_and_contains_the_auto_cut():
+    emb, groups = planted(noise=0.5)
+    rows, auto = sweep_margins(emb, ids_for(len(emb)), groups)
+    assert len(rows) <= 10 and sum(r["auto"] for r in rows) == 1
+    assert [r["margin"] for r in rows] == sorted(r["margin"] for r in rows)
+    linked = [r["predicted_pairs"] for r in rows]
+    assert linked == sorted(linked, reverse=True)  # a higher cut never links more
+    auto_row = next(r for r in rows if r["auto"])
+    assert auto_row["margin"] == auto.margin and auto_row["f1"] >= 0.9
+    best = suggest_threshold(rows, key="margin")
+    assert max(r["f1"] for r in rows) == next(r["f1"] for r in rows if r["margin"] == best)
+
+
+def test_cli_dedup_default_and_sweep_on_anisotropic_embeddings(tmp_path, capsys):
+    emb, groups = planted(noise=0.5)
+    path = write_file(tmp_path / "emb.parquet", emb, ids_for(len(emb)), [f"g{g}" for g in groups])
+    out = tmp_path / "dups.csv"
+    assert main(["dedup", str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "auto margin" in text and "valley" in text
+    f1 = float(text.split(" F1 ")[1].split()[0])
+    assert f1 >= 0.9
+    assert main(["dedup", str(path), "--sweep", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["margin", "pairs"])
+    table = lines[header + 1: next(i for i, line in enumerate(lines) if line.startswith("suggested:"))]
+    assert 1 <= len(table) <= 10 and sum("<- auto" in line for line in table) == 1
+    assert any(line.startswith("suggested:") for line in lines)
+    # The old README example, a fixed cosine of 0.9: one group of everything.
+    assert main(["dedup", str(path), "--threshold", "0.9", "--out", str(out)]) == 0
+    assert f"1 duplicate groups covering {len(emb)} products" in capsys.readouterr().out
