@@ -1,5 +1,6 @@
 """Subcommand ``embed``: a catalog's product embeddings as Parquet, committed part by part so that a
-rerun continues after a crash (one process, or a torchrun job whose ranks each embed a share)."""
+rerun continues after a crash (one process, a torchrun job whose ranks each embed a share, or with
+``--engine ray`` a pool of Ray actors)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from .common import add_catalog_args, add_command, add_device_arg, add_precision
 
 
 def cmd_embed(a: argparse.Namespace) -> int:
+    if a.engine == "ray":
+        return _embed_ray(a)
+    if a.ray_address is not None or a.actors is not None:
+        raise ValueError("--ray-address and --actors belong to --engine ray")
     from ..data.catalog import CatalogReport
     from ..embeddings import embed_catalog, embed_catalog_distributed, is_single_file
     from ..encode import ItemEncoder
@@ -42,6 +47,37 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_ray(a: argparse.Namespace) -> int:
+    """``--engine ray``: a pool of Ray actors (local Ray, or the cluster at --ray-address) encodes."""
+    import os
+
+    from ..data.catalog import CatalogReport
+    from ..embed_ray import embed_catalog_ray
+    from ..embeddings import is_single_file
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--engine ray is one driver process: run it without torchrun")
+    catalog = open_catalog(a)
+    out = Path(a.out)
+    report, stats = CatalogReport(), {}
+    t0 = time.perf_counter()
+    n = embed_catalog_ray(catalog, a.model, out, batch_size=a.batch_size, strict=a.strict, report=report,
+                          progress=not a.no_progress, resume=a.resume, part_rows=a.part_rows, precision=a.precision,
+                          device=a.device, address=a.ray_address, actors=a.actors, stats=stats)
+    dt = time.perf_counter() - t0
+    worked = len({worker for *_, worker in stats.get("chunks", [])})  # the actors that took chunks
+    pool = f", {stats['precision']}, {_count(worked, 'Ray actor')} x {_count(stats['threads'], 'thread')}" \
+        if worked else ""
+    print(f"embedded {n} products in {dt:.1f}s ({n / max(dt, 1e-9):.1f}/s{pool}) -> {out}")
+    report_path = out.parent / (out.stem + ".report.json") if is_single_file(out) else out / "report.json"
+    finish_report(report, report_path.parent, report_path.name)
+    return 0
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     e = add_command(sub, "embed", "write product embeddings for a catalog")
     add_catalog_args(e)
@@ -58,4 +94,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "chunks of 4 batches)")
     add_precision_arg(e)
     add_device_arg(e)
+    r = e.add_argument_group("engine (pip install 'item-embed[ray]' for ray)")
+    r.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (or each torchrun rank) encodes; ray: a pool of Ray actors, each "
+                        "loading the model once, encodes the catalog's rows, read here; same output and row report")
+    r.add_argument("--ray-address",
+                   help="with --engine ray: the Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); the model "
+                        "folder and relative image paths must be at the same paths on its nodes (default: start a "
+                        "local Ray on this machine, stopped at the end)")
+    r.add_argument("--actors", type=int,
+                   help="with --engine ray: encoding actors, each with an even share of the cluster's CPUs as its "
+                        "threads (default: one per GPU when encoding on GPUs, else one per 4 CPUs)")
     e.set_defaults(func=cmd_embed)
