@@ -115,7 +115,7 @@ def spans(n: int | None, world: int, part_rows: int) -> list[tuple[int, int | No
     return out
 
 
-def _load_record(folder: Path, index: int) -> dict[str, Any] | None:
+def load_record(folder: Path, index: int) -> dict[str, Any] | None:
     """A part's commit record when the part is committed (record present, file matching it)."""
     path = record_path(folder, index)
     if not path.is_file():
@@ -131,7 +131,7 @@ def _load_record(folder: Path, index: int) -> dict[str, Any] | None:
     return record
 
 
-def _claimed_ids(folder: Path, record: dict[str, Any]) -> dict[str, int]:
+def claimed_ids(folder: Path, record: dict[str, Any]) -> dict[str, int]:
     """id -> row of a committed part's products: its unreported rows, in order, are its products."""
     if record["file"] is None:
         return {}
@@ -143,7 +143,7 @@ def _claimed_ids(folder: Path, record: dict[str, Any]) -> dict[str, int]:
     return dict(zip(ids, rows))
 
 
-def _add_report(total: CatalogReport, part: dict[str, Any]) -> None:
+def add_report(total: CatalogReport, part: dict[str, Any]) -> None:
     """Add a committed part's share of the row report to ``total``."""
     total.rows_in += part["rows_in"]
     total.used += part["rows_used"]
@@ -153,7 +153,7 @@ def _add_report(total: CatalogReport, part: dict[str, Any]) -> None:
                           for p in part["problems"])
 
 
-class _PartWriter:
+class PartWriter:
     """The open part: products go to a hidden file, committed with its record at the part's end."""
 
     def __init__(self, folder: Path, index: int, row_start: int, metadata: dict[bytes, bytes]) -> None:
@@ -201,17 +201,17 @@ def embed_share(catalog: Catalog, encoder, folder: Path, rank: int, world: int, 
     records: list[dict[str, Any]] = []
     start = lo
     while hi is None or start < hi:  # the committed prefix of this share
-        record = _load_record(folder, first + len(records))
+        record = load_record(folder, first + len(records))
         if record is None or record["row_start"] != start:
             break
         records.append(record)
-        _add_report(report, record["report"])
-        seen.update(_claimed_ids(folder, record))
+        add_report(report, record["report"])
+        seen.update(claimed_ids(folder, record))
         start = record["row_stop"]
         if record["row_stop"] - record["row_start"] < part_rows:
             hi = start  # the catalog's last part: nothing after it
     committed_problems = len(report.problems)
-    writer: _PartWriter | None = None
+    writer: PartWriter | None = None
 
     def commit(row_stop: int) -> None:
         nonlocal committed_problems
@@ -234,7 +234,7 @@ def embed_share(catalog: Catalog, encoder, folder: Path, rank: int, world: int, 
                     commit(writer.row_start + part_rows)
                     writer = None
                 if writer is None:
-                    writer = _PartWriter(folder, int(index), lo + (int(index) - first) * part_rows, metadata)
+                    writer = PartWriter(folder, int(index), lo + (int(index) - first) * part_rows, metadata)
                 if products:
                     vectors = encoder.encode_batched(products, batch_size)
                     writer.add(embedding_table(rows, products, catalog.extra_columns, vectors, encoder.dim),

@@ -10,7 +10,7 @@ The work is a Ray Data pipeline of two stages:
   A local catalog is read on the driver's node; images stay as the paths/URIs/bytes of the rows.
 - **encode**: ``map_batches`` with a callable class on ``actors`` actors (a fixed pool), each
   loading the model once and, per chunk, applying the catalog's row check
-  (``Catalog._submit_row``: ids, text, image fetch and decode, the same reasons) and
+  (``Catalog.submit_row``: ids, text, image fetch and decode, the same reasons) and
   :meth:`ItemEncoder.encode_batched`, the single-process path's batching.
 
 The driver takes the chunks back in row order, decides duplicate ids with the single-process rule
@@ -176,7 +176,7 @@ def embed_catalog_ray(catalog: Catalog, model: str | Path, out: str | Path, batc
     (``chunks``: [(seconds, rows, the actor's host:pid)]) and to the end
     (``done``), and the plan (``actors``, ``threads``, ``precision``). Returns the products written.
     """
-    from .embeddings import (_aligned, _copy_report, _report_beside, embedding_metadata, is_single_file,
+    from .embeddings import (aligned_part_rows, copy_report, report_beside, embedding_metadata, is_single_file,
                              read_embedding_table, work_folder)
 
     t0 = time.perf_counter()
@@ -187,10 +187,10 @@ def embed_catalog_ray(catalog: Catalog, model: str | Path, out: str | Path, batc
     single = is_single_file(out)
     folder = work_folder(out) if single else out
     if single and resume and not folder.exists() and out.is_file():
-        _copy_report(report, embed_parts.read_report(_report_beside(out)))  # finished and joined already
+        copy_report(report, embed_parts.read_report(report_beside(out)))  # finished and joined already
         return read_embedding_table(out).num_rows
     info = ModelInfo.load(model)
-    part_rows = _aligned(part_rows, batch_size)
+    part_rows = aligned_part_rows(part_rows, batch_size)
     with RaySession(address, num_cpus=max(_cores(), actors or 1)) as session:
         stats["ray_start"] = time.perf_counter() - t0
         plan = plan_actors(actors, device, precision, session.local)
@@ -201,19 +201,19 @@ def embed_catalog_ray(catalog: Catalog, model: str | Path, out: str | Path, batc
         joining = single and embed_parts.finished(folder, fp)
         state = embed_parts.prepare_folder(folder, fp, resume or joining)
         if state == "done" and joining:
-            _copy_report(report, embed_parts.read_report(folder / "report.json"))
+            copy_report(report, embed_parts.read_report(folder / "report.json"))
             written = embed_parts.merge_into_file(folder, out, metadata)
-            report.write(_report_beside(out))
+            report.write(report_beside(out))
             embed_parts.remove_folder(folder)
             return written
         if state == "done":
-            _copy_report(report, embed_parts.read_report(folder / "report.json"))
+            copy_report(report, embed_parts.read_report(folder / "report.json"))
             return sum(e["count"] for e in embed_parts.read_manifest(folder)["parts"])
         if state == "resume" and progress:
             print(f"continuing the unfinished embedding run in {folder}")
         share, records = _embed_share(catalog, str(model), plan, info, folder, batch_size, strict, progress,
                                       part_rows, metadata, stats, t0)
-    _copy_report(report, share)
+    copy_report(report, share)
     if report.used == 0:
         raise ValueError(f"no usable products in {catalog.source}: nothing to embed")
     embed_parts.finish(folder, fp, records, report)
@@ -221,7 +221,7 @@ def embed_catalog_ray(catalog: Catalog, model: str | Path, out: str | Path, batc
     if not single:
         return report.used
     written = embed_parts.merge_into_file(folder, out, metadata)
-    report.write(_report_beside(out))
+    report.write(report_beside(out))
     embed_parts.remove_folder(folder)
     return written
 
@@ -248,12 +248,12 @@ def _committed_prefix(folder: Path, part_rows: int, report: CatalogReport, seen:
     records: list[dict] = []
     start = 0
     while True:
-        record = embed_parts._load_record(folder, len(records))
+        record = embed_parts.load_record(folder, len(records))
         if record is None or record["row_start"] != start:
             return records, start, False
         records.append(record)
-        embed_parts._add_report(report, record["report"])
-        seen.update(embed_parts._claimed_ids(folder, record))
+        embed_parts.add_report(report, record["report"])
+        seen.update(embed_parts.claimed_ids(folder, record))
         start = record["row_stop"]
         if record["row_stop"] - record["row_start"] < part_rows:
             return records, start, True  # the catalog's last part: nothing after it
@@ -283,7 +283,7 @@ def _embed_share(catalog: Catalog, model: str, plan: RayPlan, info: ModelInfo, f
     n = catalog.known_len()
     if ended or (n is not None and start >= n):
         return report, records  # every row is in a committed part: no actors to start
-    writer: embed_parts._PartWriter | None = None
+    writer: embed_parts.PartWriter | None = None
     carried = catalog.extra_columns
 
     def commit(row_stop: int) -> None:
@@ -326,7 +326,7 @@ def _embed_share(catalog: Catalog, model: str, plan: RayPlan, info: ModelInfo, f
                     commit(writer.row_start + part_rows)
                     writer = None
                 if writer is None:
-                    writer = embed_parts._PartWriter(folder, int(index), int(index) * part_rows, metadata)
+                    writer = embed_parts.PartWriter(folder, int(index), int(index) * part_rows, metadata)
                 if mine:
                     chosen = [products[i] for i in mine]
                     writer.add(embedding_table(part, chosen, carried, vectors[mine], info.dim), chosen)
@@ -495,7 +495,7 @@ class _ChunkEncoder:
 
     def embed(self, part: pd.DataFrame) -> tuple[pd.DataFrame, list, np.ndarray, str, float]:
         cfg = self.encoder.cfg
-        jobs = [self.checker._submit_row(row, rec, cfg.image_size, cfg.use_description, self.limits, self.decode,
+        jobs = [self.checker.submit_row(row, rec, cfg.image_size, cfg.use_description, self.limits, self.decode,
                                          self.fetch)
                 for row, rec in zip(part.index, part.to_dict("records"))]
         checked = [job.result() for job in jobs]

@@ -115,40 +115,40 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
     out = Path(out)
     folder = work_folder(out) if is_single_file(out) else out
     if is_single_file(out) and resume and not folder.exists() and out.is_file():
-        _copy_report(report, embed_parts.read_report(_report_beside(out)))  # finished and joined already: nothing to do
+        copy_report(report, embed_parts.read_report(report_beside(out)))  # finished and joined already: nothing to do
         return read_embedding_table(out).num_rows
-    part_rows = _aligned(part_rows, batch_size)
+    part_rows = aligned_part_rows(part_rows, batch_size)
     fp = embed_parts.fingerprint(catalog, encoder, batch_size, part_rows, 1)
     metadata = embedding_metadata(encoder, catalog)
     # A single file whose parts were all committed but not yet joined (a crash while joining): join them.
     joining = is_single_file(out) and embed_parts.finished(folder, fp)
     state = embed_parts.prepare_folder(folder, fp, resume or joining)
     if state == "done" and joining:
-        _copy_report(report, embed_parts.read_report(folder / "report.json"))
+        copy_report(report, embed_parts.read_report(folder / "report.json"))
         written = embed_parts.merge_into_file(folder, out, metadata)
-        report.write(_report_beside(out))
+        report.write(report_beside(out))
         embed_parts.remove_folder(folder)
         return written
     if state == "done":
-        _copy_report(report, embed_parts.read_report(folder / "report.json"))
+        copy_report(report, embed_parts.read_report(folder / "report.json"))
         return sum(e["count"] for e in embed_parts.read_manifest(folder)["parts"])
     if state == "resume" and progress:
         print(f"continuing the unfinished embedding run in {folder}")
     share, records = embed_parts.embed_share(catalog, encoder, folder, 0, 1, batch_size, strict, progress,
                                              part_rows, metadata)
-    _copy_report(report, share)
+    copy_report(report, share)
     if report.used == 0:
         raise ValueError(f"no usable products in {catalog.source}: nothing to embed")
     embed_parts.finish(folder, fp, records, report)
     if not is_single_file(out):
         return report.used
     written = embed_parts.merge_into_file(folder, out, metadata)
-    report.write(_report_beside(out))
+    report.write(report_beside(out))
     embed_parts.remove_folder(folder)
     return written
 
 
-def _aligned(part_rows: int, batch_size: int) -> int:
+def aligned_part_rows(part_rows: int, batch_size: int) -> int:
     """Parts hold whole chunks (4 batches), so that a part's batches never depend on where a run started."""
     if part_rows < 1:
         raise ValueError(f"part rows must be positive, not {part_rows}")
@@ -156,11 +156,11 @@ def _aligned(part_rows: int, batch_size: int) -> int:
     return -(-part_rows // chunk) * chunk
 
 
-def _report_beside(out: Path) -> Path:
+def report_beside(out: Path) -> Path:
     return out.parent / (out.stem + ".report.json")
 
 
-def _copy_report(dst: CatalogReport, src: CatalogReport) -> None:
+def copy_report(dst: CatalogReport, src: CatalogReport) -> None:
     dst.source, dst.rows_in, dst.used = src.source, src.rows_in, src.used
     dst.text_only, dst.image_only, dst.problems = src.text_only, src.image_only, list(src.problems)
 
@@ -177,7 +177,7 @@ def embed_catalog_distributed(catalog: Catalog, encoder: ItemEncoder, out_dir: s
     import torch.distributed as dist
 
     out_dir = Path(out_dir)
-    part_rows = _aligned(part_rows, batch_size)
+    part_rows = aligned_part_rows(part_rows, batch_size)
     fp = embed_parts.fingerprint(catalog, encoder, batch_size, part_rows, world)
     state = [None]
     if rank == 0:  # one process decides and clears; the others follow its decision

@@ -19,7 +19,7 @@ BACKENDS = ("faiss", "milvus")
 MILVUS_TOKEN_ENV = "MILVUS_TOKEN"
 
 
-def _check_backend(a: argparse.Namespace, folder_option: str, folder) -> None:
+def check_backend(a: argparse.Namespace, folder_option: str, folder) -> None:
     """--backend faiss takes an index folder; milvus takes --uri and --collection instead."""
     if a.backend == "milvus":
         missing = [o for o, v in (("--uri", a.uri), ("--collection", a.collection)) if not v]
@@ -94,7 +94,7 @@ def _cmd_index_milvus(a: argparse.Namespace, options: dict) -> int:
 
 def cmd_index(a: argparse.Namespace) -> int:
     options = {"nlist": a.nlist, "nprobe": a.nprobe, "ef_search": a.ef_search}
-    _check_backend(a, "--out", a.out)
+    check_backend(a, "--out", a.out)
     if a.backend == "milvus":
         return _cmd_index_milvus(a, options)
     report = IndexReport()
@@ -118,7 +118,7 @@ def cmd_index_update(a: argparse.Namespace) -> int:
 
     if not a.add and not a.remove:
         raise ValueError("nothing to do: give --add EMB.parquet and/or --remove ID ...")
-    _check_backend(a, "INDEX", a.index)
+    check_backend(a, "INDEX", a.index)
     if a.backend == "milvus":
         return _cmd_index_update_milvus(a)
     index = ProductIndex.load(a.index)
@@ -210,7 +210,7 @@ def cmd_search(a: argparse.Namespace) -> int:
         encoder = ItemEncoder.from_pretrained(a.model, device=a.device, precision=a.precision)
     elif a.id is None:
         raise ValueError("--model is needed to embed an --image or --title query")
-    _check_backend(a, "--index", a.index)
+    check_backend(a, "--index", a.index)
     # An index from another model lives in another vector space: its scores would be meaningless.
     index = _open_index(a, a.index, expected_model_id=encoder.model_id if encoder else None)
     if a.id is not None:
@@ -298,7 +298,7 @@ def cmd_dedup(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_backend_args(p: argparse.ArgumentParser) -> None:
+def add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Milvus backend (instead of a FAISS index folder; "
                              "needs `pip install 'item-embed[milvus]'`)")
     g.add_argument("--backend", choices=BACKENDS, default="faiss",
@@ -329,7 +329,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"{REPORT_FILE}")
     i.add_argument("--report", metavar="FILE.json", help="also write the row report here (with --backend milvus, "
                                                          "the only place it is written)")
-    _add_backend_args(i)
+    add_backend_args(i)
     i.set_defaults(func=cmd_index)
 
     u = add_command(sub, "index-update", "add or remove products in an index without rebuilding it",
@@ -343,7 +343,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="refuse the whole update at the first unusable row of --add instead of skipping it")
     u.add_argument("--remove", nargs="+", metavar="ID", help="ids of products to remove")
     u.add_argument("--report", metavar="FILE.json", help="also write the row report of --add here")
-    _add_backend_args(u)
+    add_backend_args(u)
     u.set_defaults(func=cmd_index_update)
 
     s = add_command(sub, "search", "nearest products to an image, a title, both, or an indexed product")
@@ -358,7 +358,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only products whose metadata passes, e.g. 'category == \"bag\" and price < 10': "
                         "== != < <= > >=, in [...], not in [...], is None, and / or / not, parentheses; a missing "
                         "value never passes a comparison; exact top-k with faiss, evaluated by Milvus with milvus")
-    _add_backend_args(s)
+    add_backend_args(s)
     add_device_arg(s)
     add_precision_arg(s)
     s.set_defaults(func=cmd_search)

@@ -371,7 +371,7 @@ class Catalog:
         pending: deque[tuple[pd.DataFrame, list[Future]]] = deque()
         try:
             for part in self.iter_parts(span[0], span[1], chunk_size):
-                jobs = [self._submit_row(row, rec, image_size, use_description, limits, decode, fetch)
+                jobs = [self.submit_row(row, rec, image_size, use_description, limits, decode, fetch)
                         for row, rec in zip(part.index, part.to_dict("records"))]
                 pending.append((part, jobs))
                 if len(pending) > READAHEAD:
@@ -382,7 +382,7 @@ class Catalog:
             for pool in (decode, *fetch):
                 pool.shutdown(wait=False, cancel_futures=True)
 
-    def _submit_row(self, row: int, rec: dict[str, Any], image_size: int, use_description: bool,
+    def submit_row(self, row: int, rec: dict[str, Any], image_size: int, use_description: bool,
                     limits: ImageLimits, decode: ThreadPoolExecutor, fetch: list[ThreadPoolExecutor]) -> Future:
         """The future of a row's check: decoded in ``decode``, after a fetch in the I/O pool if remote."""
         uri = self._remote_image(rec.get(self.columns.image))
