@@ -616,3 +616,123 @@ def test_serve_command_refuses_a_mismatched_index(world, tmp_path, capsys):
     (tmp_path / "not-an-index").mkdir()
     assert main(["serve", "--model", str(world.run), "--index", str(tmp_path / "not-an-index")]) == 2
     assert "not an index" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Catalog ids and hostile catalog paths
+# --------------------------------------------------------------------------------------------
+
+
+def test_catalog_ids_follow_the_one_id_rule():
+    """clean_id is data.ids.product_id: ids are never rewritten; refused ones are None (never indexed)."""
+    from item_embed.serve.product_images import clean_id
+
+    assert clean_id("a  b") == "a  b"  # inner spaces kept, not collapsed
+    assert clean_id(3.0) == "3" and clean_id(12) == "12" and clean_id(np.int64(7)) == "7"
+    for refused in (" a", "a ", "x\ny", "tab\there", 2.5, 2.0**60, True, None, float("nan"), pd.NA, "   "):
+        assert clean_id(refused) is None, refused
+    frame = pd.DataFrame({"id": ["a  b", " a  b", "c"], "image": [b"\x01", b"\x02", b"\x03"]})
+    images = ProductImages.from_catalog(Catalog(frame), ["a  b", "c"])
+    assert "a  b" in images and images.source("a  b") == b"\x01"  # the padded row is not a second spelling
+
+
+def test_a_symlink_loop_or_nul_byte_in_a_catalog_path_is_a_clean_404(world, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "loop").symlink_to(root / "loop")
+    ids = [world.row(i)["id"] for i in range(3)]
+    frame = pd.DataFrame({"id": ids, "image": ["loop/a.png", "img/a\0.png", "x" * 300 + ".png"]})
+    images = ProductImages.from_catalog(Catalog(frame, image_root=root), world.index.ids)
+    with TestClient(create_app(world.encoder, world.index, catalog=images)) as c:
+        for pid, reason in zip(ids, ("symlink loop", "NUL byte", "")):
+            r = c.get(f"/products/{pid}/image")
+            assert r.status_code == 404, (pid, r.text)
+            detail = r.json()["detail"]
+            assert reason in detail and str(tmp_path) not in detail, detail
+
+
+# --------------------------------------------------------------------------------------------
+# Served from Milvus (Milvus Lite)
+# --------------------------------------------------------------------------------------------
+
+
+def _same_hits(got: list[dict], want: list[dict]) -> None:
+    """The same ranking: the same scores in order, and the same ids (in any order among exact ties)."""
+    assert [round(h["score"], 4) for h in got] == pytest.approx([round(h["score"], 4) for h in want], abs=2e-4)
+    by_score = lambda hits: sorted((round(h["score"], 3), h["id"]) for h in hits)  # noqa: E731
+    assert [h["id"] for h in got] == [h["id"] for h in want] or by_score(got) == by_score(want)
+
+
+@pytest.fixture(scope="module")
+def milvus_db(world, tmp_path_factory):
+    pytest.importorskip("pymilvus")
+    from item_embed.index.milvus_index import MilvusIndex
+
+    db = str(tmp_path_factory.mktemp("milvus") / "serve.db")
+    MilvusIndex.from_embedding_file(world.embeddings, uri=db, collection="served", kind="flat")
+    table = pq.read_table(world.embeddings)
+    other = tmp_path_factory.mktemp("foreign") / "other.parquet"
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata,
+                                                  b"item_embed.model_id": b"another-model-0000"}), other)
+    MilvusIndex.from_embedding_file(other, uri=db, collection="foreign", kind="flat")
+    return db
+
+
+def test_serving_a_milvus_collection_answers_as_the_faiss_index(world, client, milvus_db):
+    from item_embed.index.milvus_index import MilvusSource
+
+    app = load_service(world.run, MilvusSource(milvus_db, "served"), precision="fp32")
+    svc = app.state.service
+    assert svc.index.kind == "flat" and len(svc.index) == len(world.index)
+    with TestClient(app) as m:
+        for i in (3, 17):
+            row = world.row(i)
+            form = {"title": row["title"], "k": "6"}
+            got = m.post("/search", files=_upload(world.image_bytes(i)), data=form)
+            want = client.post("/search", files=_upload(world.image_bytes(i)), data=form)
+            assert got.status_code == want.status_code == 200, got.text
+            _same_hits(got.json()["hits"], want.json()["hits"])
+            for g, w in zip(got.json()["hits"], want.json()["hits"]):
+                if g["id"] == w["id"]:  # the cards: the same title, metadata and image link
+                    assert (g["title"], g["metadata"], g["image_url"]) == (w["title"], w["metadata"], w["image_url"])
+            got, want = m.get(f"/similar/{row['id']}?k=5"), client.get(f"/similar/{row['id']}?k=5")
+            assert got.status_code == 200, got.text
+            assert row["id"] not in [h["id"] for h in got.json()["hits"]]
+            _same_hits(got.json()["hits"], want.json()["hits"])
+            assert got.json()["query"]["product"] == want.json()["query"]["product"]
+            assert m.get(f"/products/{row['id']}").json() == client.get(f"/products/{row['id']}").json()
+        pid = world.row(2)["id"]
+        r = m.get(f"/products/{pid}/image")  # the catalog recorded with the embeddings
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        for path in ("/products/no-such-id", "/similar/no-such-id", "/products/no-such-id/image"):
+            assert m.get(path).status_code == 404, path
+        health = m.get("/health").json()
+        assert health["index_size"] == len(world.index) and health["index_kind"] == "flat"
+    assert svc.reload_index() is True  # SIGHUP: the alias read again, the model checked again
+    assert svc.index_generation == 1
+
+
+def test_a_milvus_collection_of_another_model_is_refused_at_start(world, milvus_db, capsys):
+    from item_embed.index.milvus_index import MilvusSource
+
+    with pytest.raises(IndexLoadError, match="another-model-0000"):
+        load_service(world.run, MilvusSource(milvus_db, "foreign"))
+    assert main(["serve", "--model", str(world.run), "--backend", "milvus", "--uri", milvus_db,
+                 "--collection", "foreign"]) == 2
+    assert "another-model-0000" in capsys.readouterr().err
+    assert main(["serve", "--model", str(world.run), "--backend", "milvus", "--uri", milvus_db]) == 2
+    assert "--collection" in capsys.readouterr().err
+    assert main(["serve", "--model", str(world.run)]) == 2
+    assert "give the index folder" in capsys.readouterr().err
+
+
+def test_serve_command_serves_a_milvus_collection(world, milvus_db, monkeypatch, capsys):
+    import uvicorn
+
+    calls = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(app=app, **kw))
+    assert main(["serve", "--model", str(world.run), "--backend", "milvus", "--uri", milvus_db,
+                 "--collection", "served", "--precision", "fp32"]) == 0
+    assert f"serving {len(world.index)} products" in capsys.readouterr().out
+    svc = calls["app"].state.service
+    assert type(svc.index).__name__ == "MilvusIndex" and svc.index_dir.collection == "served"

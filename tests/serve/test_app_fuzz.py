@@ -38,7 +38,8 @@ MAX_EXAMPLES = int(os.environ.get("ITEM_EMBED_FUZZ_EXAMPLES", "100"))
 # Operations with something a request can get wrong (k, the form). A product id is any string and
 # /health takes nothing: they have no negative cases.
 WITH_INVALID = ["POST /search", "GET /similar/{product_id}", "POST /embed", "POST /classify"]
-OPERATIONS = WITH_INVALID + ["GET /products/{product_id}/image", "GET /products/{product_id}", "GET /health"]
+OPERATIONS = WITH_INVALID + ["GET /products/{product_id}/image", "GET /products/{product_id}", "GET /health",
+                               "GET /facets"]
 POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
 CASES = [(label, POSITIVE) for label in OPERATIONS] + [(label, NEGATIVE) for label in WITH_INVALID]
 FUZZ_SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=MAX_EXAMPLES <= 100, database=None,

@@ -341,10 +341,10 @@ def deadline_server(world):
     svc = app.state.service
     real_search = svc.search
 
-    def search(query, k):
+    def search(query, k, *rest):
         if query.title == "take your time":
             time.sleep(1.5)
-        return real_search(query, k)
+        return real_search(query, k, *rest)
 
     svc.search = search
     with live_server(app, http=deadline_protocol(1.0), timeout_keep_alive=5) as addr:

@@ -159,7 +159,8 @@ def test_search_by_uploaded_image_then_click_a_result(site, browser, tmp_path):
         assert card.find_element(By.CSS_SELECTOR, ".score").text == f"{hit['score']:.3f}"
         assert card.find_element(By.CSS_SELECTOR, ".chip").text.startswith(hit["predicted_category"]["label"])
     _wait(browser, _images_loaded, "the result images to load")
-    assert "image" in browser.find_element(By.ID, "summary").text
+    assert "photo only" in browser.find_element(By.ID, "summary").text
+    assert "Matched by shape only" in browser.find_element(By.CSS_SELECTOR, "#summary .mode-note").text
     assert not browser.find_element(By.ID, "error").is_displayed()
 
     shot = SCREENSHOT if os.environ.get("ITEM_EMBED_SCREENSHOT") == "1" else tmp_path / "search-page.png"
@@ -169,9 +170,18 @@ def test_search_by_uploaded_image_then_click_a_result(site, browser, tmp_path):
     browser.set_window_size(1280, browser.get_window_size()["height"] - inner + page)
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
+    # The relevance bar, not the raw cosine, fills the card: the top hit is near full.
+    assert 0.9 < expected["hits"][0]["relevance"] <= 1
+    assert float(cards[0].find_element(By.CSS_SELECTOR, ".relevance-text").get_attribute("data-value")) == \
+        expected["hits"][0]["relevance"]
+
     first = _card_ids(browser)
     clicked = first[1]
     cards[1].click()
+    # A click is "more like this": the old query photo leaves the drop box.
+    _wait(browser, lambda d: not d.find_element(By.ID, "preview").is_displayed(), "the query photo to be cleared")
+    assert browser.find_element(By.ID, "image-input").get_attribute("value") == ""
+    assert "has-image" not in browser.find_element(By.ID, "drop").get_attribute("class")
     _wait(browser, lambda d: d.find_element(By.ID, "summary").get_attribute("data-query") == f"product:{clicked}",
           "the similar-products results")
     _wait(browser, lambda d: d.find_element(By.ID, "results").get_attribute("data-state") == "done", "results")
@@ -213,3 +223,145 @@ def _catalog_image(catalog: Path, product_id: str) -> str:
 
     table = pd.read_csv(catalog, dtype=str)
     return table.loc[table["id"] == product_id, "image"].iloc[0]
+
+
+# ------------------------------------------------------------------ metadata, filters, paging, URL state
+
+
+def _done(driver) -> bool:
+    return driver.find_element(By.ID, "results").get_attribute("data-state") == "done"
+
+
+def _wait_for_ids(driver, ids: list[str], what: str) -> None:
+    _wait(driver, lambda d: _done(d) and _card_ids(d) == ids, what)
+
+
+def _open(driver, url: str) -> None:
+    driver.get(url)
+    _wait(driver, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1", "the page")
+    driver.get_log("browser")  # start each check with an empty console (earlier tests provoke errors)
+
+
+def _title_search(driver, title: str, k: int = 10) -> None:
+    Select(driver.find_element(By.ID, "k-select")).select_by_value(str(k))
+    box = driver.find_element(By.ID, "title-input")
+    box.clear()
+    box.send_keys(title)
+    driver.find_element(By.ID, "search-button").click()
+
+
+def _attr(card, column: str) -> str:
+    return card.find_element(By.CSS_SELECTOR, f'.attr[data-column="{column}"]').get_attribute("data-value")
+
+
+def _facet(url: str, column: str) -> dict:
+    return next(c for c in _api(url, "/facets")["columns"] if c["name"] == column)
+
+
+def test_cards_show_metadata_and_a_filter_narrows_them(site, browser):
+    url, _, frame = site
+    title = str(frame.iloc[2]["title"])
+    _open(browser, url + "/")
+    _title_search(browser, title)
+    expected = _api(url, "/search", data={"title": title, "k": "10"})
+    _wait_for_ids(browser, [h["id"] for h in expected["hits"]], "title results")
+    for card, hit in zip(_cards(browser), expected["hits"]):
+        for column in ("category", "colour", "group"):
+            assert _attr(card, column) == str(hit["metadata"][column])
+
+    # The filter menus come from /facets; choosing one re-runs the query with it, server side.
+    category = _facet(url, "category")["values"][-1]["value"]  # the rarest: the filter must bite
+    menu = Select(browser.find_element(By.CSS_SELECTOR, '#filters select[data-column="category"]'))
+    menu.select_by_value(category)
+    text = f'category == "{category}"'
+    filtered = _api(url, "/search", data={"title": title, "k": "10", "filter": text})
+    assert filtered["hits"] and filtered["hits"] != expected["hits"]
+    _wait_for_ids(browser, [h["id"] for h in filtered["hits"]], "the filtered results")
+    assert browser.find_element(By.ID, "summary").get_attribute("data-filter") == text
+    assert all(_attr(c, "category") == category for c in _cards(browser))
+    assert f"f.category={category}" in browser.current_url
+    assert _severe_console_errors(browser) == []
+
+
+def test_load_more_appends_the_next_page(site, browser):
+    url, _, frame = site
+    title = str(frame.iloc[9]["title"])
+    _open(browser, url + "/")
+    _title_search(browser, title, k=5)
+    body = _api(url, "/search", data={"title": title, "k": "15"})
+    whole = [h["id"] for h in body["hits"]]
+    _wait_for_ids(browser, whole[:5], "the first page")
+    more = browser.find_element(By.ID, "more-button")
+    for shown in (10, 15):
+        more.click()
+        _wait_for_ids(browser, whole[:shown], f"{shown} results")
+    ids = _card_ids(browser)
+    assert len(ids) == len(set(ids)) == 15
+    assert [c.get_attribute("data-rank") for c in _cards(browser)] == [str(i) for i in range(1, 16)]
+    assert "shown=15" in browser.current_url
+    assert f"15 of {body['total']} results" in browser.find_element(By.ID, "summary").text
+
+    # The link restores all three pages.
+    _open(browser, browser.current_url)
+    _wait_for_ids(browser, whole, "the restored pages")
+
+
+def test_the_url_holds_the_query_reload_and_back_restore_it(site, browser):
+    url, _, frame = site
+    title = str(frame.iloc[4]["title"])
+    colour = _facet(url, "colour")["values"][0]["value"]
+    _open(browser, url + "/")
+    Select(browser.find_element(By.CSS_SELECTOR, '#filters select[data-column="colour"]')).select_by_value(colour)
+    _title_search(browser, title)
+    first = [h["id"] for h in _api(url, "/search", data={"title": title, "k": "10",
+                                                           "filter": f'colour == "{colour}"'})["hits"]]
+    _wait_for_ids(browser, first, "the filtered title results")
+    link = browser.current_url
+    assert "title=" in link and f"f.colour={colour}" in link
+
+    # A fresh load of the link: title, filter and results come back.
+    _open(browser, url + "/")
+    assert _cards(browser) == []
+    _open(browser, link)
+    _wait_for_ids(browser, first, "the results restored from the link")
+    assert browser.find_element(By.ID, "title-input").get_attribute("value") == title
+    assert Select(browser.find_element(By.CSS_SELECTOR, '#filters select[data-column="colour"]')
+                  ).first_selected_option.get_attribute("value") == colour
+
+    # A card click is a new history entry; back returns to the title query, forward to the click.
+    clicked = first[0]
+    _cards(browser)[0].click()
+    similar = [h["id"] for h in _api(url, f"/similar/{clicked}?k=10&filter=colour%20%3D%3D%20%22{colour}%22")["hits"]]
+    _wait_for_ids(browser, similar, "the similar products")
+    assert f"similar={clicked}" in browser.current_url
+    browser.back()
+    _wait_for_ids(browser, first, "the previous query after back")
+    assert browser.current_url == link
+    assert browser.find_element(By.ID, "title-input").get_attribute("value") == title
+    browser.forward()
+    _wait_for_ids(browser, similar, "the similar products after forward")
+    assert _severe_console_errors(browser) == []
+
+
+def test_a_photo_only_query_is_explained_and_not_kept_in_links(site, browser):
+    url, catalog, frame = site
+    image = catalog.parent / _catalog_image(catalog, frame.iloc[11]["id"])
+    _open(browser, url + "/")
+    browser.find_element(By.ID, "image-input").send_keys(str(image))
+    browser.find_element(By.ID, "search-button").click()
+    expected = _api(url, "/search", files={"image": (image.name, image.read_bytes())}, data={"k": "10"})
+    assert expected["mode"] == "photo"
+    _wait_for_ids(browser, [h["id"] for h in expected["hits"]], "the photo results")
+    note = browser.find_element(By.CSS_SELECTOR, "#summary .mode-note")
+    assert note.is_displayed() and "shape" in note.text and "relative" in note.text
+    top = _cards(browser)[0]
+    fill = top.find_element(By.CSS_SELECTOR, ".score-bar span")
+    bar = top.find_element(By.CSS_SELECTOR, ".score-bar")
+    assert fill.size["width"] > 0.8 * bar.size["width"]  # not a near-empty bar, whatever the raw cosine
+    assert "photo=1" in browser.current_url
+
+    # Reloading the link cannot bring the photo back: the page says so instead of showing nothing.
+    _open(browser, browser.current_url)
+    note = browser.find_element(By.ID, "link-note")
+    assert note.is_displayed() and "not kept in links" in note.text
+    assert _cards(browser) == [] and not browser.find_element(By.ID, "error").is_displayed()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .common import HelpFormatter, add_device_arg, add_precision_arg
+from .search import MILVUS_TOKEN_ENV, add_backend_args, check_backend
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -22,6 +24,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ..index.product_index import IndexLoadError
     from ..serve.app import load_service
     from ..serve.memory import tune_allocator
+    from ..serve.security import API_KEY_ENV, ApiKeys, KeyConfigError, check_origin, is_loopback
     from ..serve.server import HostPolicy, deadline_protocol
 
     for name in ("max_upload_mb", "max_upload_mpx", "decode_memory_mb", "read_timeout"):
@@ -29,16 +32,44 @@ def cmd_serve(a: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, not {getattr(a, name)}")
     if a.threads < 1:
         raise ValueError(f"--threads must be at least 1, not {a.threads}")
+    if a.rate_limit < 0:
+        raise ValueError(f"--rate-limit must be 0 (off) or positive, not {a.rate_limit}")
+    if a.rate_burst is not None and a.rate_burst < 1:
+        raise ValueError(f"--rate-burst must be at least 1, not {a.rate_burst}")
+    check_backend(a, "--index", a.index)
+    origins = [check_origin(o) for o in a.cors_origin or ()]
+    # Before anything loads: a service reachable from other machines needs a key (or --insecure).
+    try:
+        keys = ApiKeys.load(a.api_key, a.api_key_file)
+    except KeyConfigError as e:
+        print(f"item-embed serve: error: {e}", file=sys.stderr)
+        return 2
+    if a.api_key is not None:
+        print(f"warning: --api-key shows in the process list (ps) and the shell history: prefer --api-key-file "
+              f"or ${API_KEY_ENV}", file=sys.stderr)
+    exposed = not is_loopback(a.host)
+    if exposed and keys is None and not a.insecure:
+        print(f"item-embed serve: error: refusing to listen on {a.host} (reachable from other machines) without an "
+              f"API key: give --api-key-file FILE or set ${API_KEY_ENV}, or pass --insecure to serve it open",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(levelname)s:     %(name)s: %(message)s")
     # Before the model loads and the worker threads start: freed image memory goes back to the system.
     tune_allocator()
     columns = Columns(id=a.id_column, title=a.title_column, image=a.image_column)
     hosts = HostPolicy.for_bind(a.host, a.allowed_host or ())
+    if a.backend == "milvus":
+        from ..index.milvus_index import MilvusSource
+
+        source = MilvusSource(a.uri, a.collection, token=os.environ.get(MILVUS_TOKEN_ENV) or None)
+    else:
+        source = a.index
     try:
-        app = load_service(a.model, a.index, a.classifier, a.catalog, a.image_root, columns=columns, device=a.device,
+        app = load_service(a.model, source, a.classifier, a.catalog, a.image_root, columns=columns, device=a.device,
                            precision=a.precision, max_upload_bytes=int(a.max_upload_mb * 1_000_000), threads=a.threads,
                            title_column=a.title_column, max_upload_pixels=int(a.max_upload_mpx * 1_000_000),
-                           decode_memory_mb=a.decode_memory_mb, allowed_hosts=hosts)
+                           decode_memory_mb=a.decode_memory_mb, allowed_hosts=hosts, api_keys=keys,
+                           cors_origins=origins, rate_limit=a.rate_limit, rate_burst=a.rate_burst)
     except (IndexLoadError, CheckpointError) as e:
         print(f"item-embed serve: error: {e}", file=sys.stderr)
         return 2
@@ -49,9 +80,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
           + (f", classifier: {health.classifier}" if health.classifier else "")
           + ("" if health.images else ", no product images (no catalog)"))
     print(f"search page: http://{host}:{a.port}/   API docs: http://{host}:{a.port}/docs", flush=True)
-    if a.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {a.host}: reachable from other machines; the API has no authentication",
-              file=sys.stderr)
+    limit = (f"{a.rate_limit:g} requests a minute per client (burst {app_rate_burst(a)})" if a.rate_limit
+             else "no rate limit")
+    print(f"access: {f'API key required ({len(keys)} accepted)' if keys else 'open (no API key)'}; {limit}; "
+          f"CORS: {', '.join(origins) if origins else 'off'}", flush=True)
+    if exposed and keys is None:
+        print(f"warning: listening on {a.host}: reachable from other machines; the API has no authentication "
+              "(--insecure)", file=sys.stderr)
     with _reload_on_sighup(app.state.service):
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, http=deadline_protocol(a.read_timeout),
                     timeout_keep_alive=KEEP_ALIVE_S)
@@ -98,6 +133,12 @@ def _reload_on_sighup(service) -> Iterator[None]:
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 
 
+def app_rate_burst(a: argparse.Namespace) -> int:
+    from ..serve.security import default_burst
+
+    return a.rate_burst if a.rate_burst is not None else default_burst(a.rate_limit)
+
+
 class ServeHelp(argparse.RawDescriptionHelpFormatter, HelpFormatter):
     """Keeps the description's line breaks and shows each option's default."""
 
@@ -123,9 +164,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "  Decodes running at once share --decode-memory-mb; large images are reduced as\n"
                               "  they decode. A request must arrive (headers and body) within --read-timeout\n"
                               "  seconds (408 and closed otherwise). Requests whose Host header is not a name of\n"
-                              "  the bound address get 400 (DNS rebinding): add names with --allowed-host.")
+                              "  the bound address get 400 (DNS rebinding): add names with --allowed-host.\n"
+                              "\n"
+                              "Exposing it (--host other than 127.0.0.1 / ::1 / localhost):\n"
+                              "  an API key is then required (or --insecure): put one or more keys in a file, one\n"
+                              "  per line (--api-key-file), or in $ITEM_EMBED_API_KEY. Clients send\n"
+                              "  'Authorization: Bearer KEY' or 'X-API-Key: KEY'; every route but /health, the\n"
+                              "  search page (/) and its /static files answers 401 without it (/docs and\n"
+                              "  /openapi.json too). Each client address may make --rate-limit requests a minute\n"
+                              "  (--rate-burst at once; 429 with Retry-After past it); behind a reverse proxy all\n"
+                              "  clients share the proxy's address (X-Forwarded-For is not trusted): limit there.\n"
+                              "  --cors-origin lets pages of another site call the API from a browser.\n"
+                              "\n"
+                              "Milvus: --backend milvus --uri URI --collection NAME serves a Milvus collection\n"
+                              "  instead of --index (a server's token from $MILVUS_TOKEN); SIGHUP re-reads the\n"
+                              "  alias and checks the collection it names was built by the same model.")
     s.add_argument("--model", required=True, help="run folder of the model that built the index")
-    s.add_argument("--index", required=True, help="index folder from `item-embed index` (refused if built by another model)")
+    s.add_argument("--index", help="index folder from `item-embed index` (refused if built by another model); "
+                                   "or --backend milvus --uri --collection")
     s.add_argument("--classifier", help="classifier folder from `item-embed classify fit`: predicted labels on results")
     s.add_argument("--catalog", help="catalog to show product images from: a file, a URI (s3://, gs://, https://) or "
                                      ".tar shards (default: the one the embeddings came from)")
@@ -147,6 +203,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="a Host name to answer besides those of --host (repeatable; '*': any), e.g. the DNS "
                         "name clients use or the one a proxy passes on")
+    g = s.add_argument_group("access (see 'Exposing it' below)")
+    g.add_argument("--api-key-file", metavar="PATH", help="file of accepted API keys, one per line ('#' comments); "
+                                                          "also read: $ITEM_EMBED_API_KEY")
+    g.add_argument("--api-key", metavar="KEY", help="an accepted API key (shows in `ps`: prefer --api-key-file or "
+                                                    "$ITEM_EMBED_API_KEY)")
+    g.add_argument("--insecure", action="store_true",
+                   help="serve without an API key on an address reachable from other machines")
+    g.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="an origin (https://shop.example.com) whose pages may call the API from a browser "
+                        "(repeatable; '*': any; default: none, no CORS headers)")
+    g.add_argument("--rate-limit", type=float, default=600.0, metavar="N",
+                   help="requests a minute per client address (0: no limit; /health is not counted)")
+    g.add_argument("--rate-burst", type=int, metavar="N",
+                   help="requests a client may make at once (default: a quarter of --rate-limit)")
+    add_backend_args(s)
     add_device_arg(s)
     add_precision_arg(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

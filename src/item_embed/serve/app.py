@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 
@@ -19,18 +20,22 @@ from ..data import remote
 from ..data.catalog import Catalog, Columns
 from ..data.images import DEFAULT_MAX_PIXELS, ImageLimits
 from ..encode import ItemEncoder
+from ..index.milvus_index import MilvusSource, load_index
 from ..index.product_index import ProductIndex
 from .product_images import ProductImages, clean_id
 from .memory import DEFAULT_DECODE_MEMORY_MB, DEFAULT_UPLOAD_MAX_PIXELS, MIB
-from .schemas import ClassifyOut, EmbedOut, HealthOut, ProductOut, SearchOut
+from .schemas import ClassifyOut, EmbedOut, FacetsOut, HealthOut, ProductOut, SearchOut
+from .security import ApiKeyCheck, ApiKeys, KEY_HEADER, RateLimit, RateLimiter, check_origin
 from .server import HostPolicy
-from .service import DEFAULT_MAX_UPLOAD_BYTES, MAX_K, SearchQuery, SearchService, ServiceLoadError
+from .service import DEFAULT_MAX_UPLOAD_BYTES, MAX_K, MAX_OFFSET, SearchQuery, SearchService, ServiceLoadError
+from ..index.filters import MAX_FILTER_CHARS
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, headers, the title and k on top of the file
 MAX_TITLE_BYTES = 16 * 1024
+CATALOG_PROBE = 200  # catalog ids looked up in a Milvus index to check that the catalog is its
 
 
 class _BodyLimit:
@@ -91,6 +96,11 @@ ImageField = Annotated[UploadFile | None, File(description="query image (JPEG, P
 TitleField = Annotated[str | None, Form(description="query title")]
 KForm = Annotated[int, Form(ge=1, le=MAX_K, description="number of results")]
 KQuery = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
+_FILTER_HELP = 'metadata filter, exact: e.g. category == "bag" and colour in ["red", "blue"] (see GET /facets)'
+FilterForm = Annotated[str | None, Form(max_length=MAX_FILTER_CHARS, description=_FILTER_HELP)]
+FilterQuery = Annotated[str | None, Query(max_length=MAX_FILTER_CHARS, description=_FILTER_HELP)]
+OffsetForm = Annotated[int, Form(ge=0, le=MAX_OFFSET, description="results to skip (paging: the next page is offset + k)")]
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="results to skip (paging: the next page is offset + k)")]
 IdPath = Annotated[str, PathParam(description="product id")]
 
 
@@ -107,7 +117,8 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
                threads: int = 2, title_column: str = "title", index_dir: str | Path | None = None,
                images_loader: Callable[[ProductIndex], ProductImages | None] | None = None,
                max_upload_pixels: int = DEFAULT_UPLOAD_MAX_PIXELS, decode_memory_mb: float = DEFAULT_DECODE_MEMORY_MB,
-               allowed_hosts: HostPolicy | Iterable[str] | None = None) -> FastAPI:
+               allowed_hosts: HostPolicy | Iterable[str] | None = None, api_keys: ApiKeys | Iterable[str] | None = None,
+               cors_origins: Iterable[str] = (), rate_limit: float = 0, rate_burst: int | None = None) -> FastAPI:
     """The search app over loaded objects.
 
     encoder: the model that built ``index`` (checked by model id); classifier: a
@@ -121,14 +132,19 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
     Host names answered (a HostPolicy or names; None: any, as for a library or test client); index_dir:
     where ``app.state.service.reload_index()`` reads a rebuilt index from; images_loader: catalog
     images for a reloaded index (default: re-read from ``catalog`` when it is a Catalog, else kept).
+
+    Access (``serve.security``): api_keys: the keys every route but /health, / and /static needs (an
+    ``ApiKeys`` or the keys; None: open); cors_origins: origins whose pages may call the API from a
+    browser (none: no CORS headers); rate_limit: requests a minute per client address, ``rate_burst``
+    at once (0: no limit).
     """
     images = catalog
     if isinstance(catalog, Catalog):
         # Catalog files are the operator's: the upload byte cap does not apply, the pixel cap does.
         limits = ImageLimits(max_pixels=int(max_pixels))
-        images = ProductImages.from_catalog(catalog, index.ids, limits)
+        images = ProductImages.from_catalog(catalog, _listed_ids(index), limits)
         if images_loader is None:
-            images_loader = lambda new: ProductImages.from_catalog(catalog, new.ids, limits)  # noqa: E731
+            images_loader = lambda new: ProductImages.from_catalog(catalog, _listed_ids(new), limits)  # noqa: E731
     svc = SearchService(encoder, index, classifier, images, max_upload_bytes, max_pixels, threads, title_column,
                         index_dir=index_dir, images_loader=images_loader, max_upload_pixels=max_upload_pixels,
                         decode_memory_bytes=int(decode_memory_mb * MIB))
@@ -144,6 +160,16 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
 
     app.add_middleware(_BodyLimit, limit=body_limit,
                        message=f"request too large: image uploads are limited to {svc.max_upload_bytes:,} bytes")
+    # Starlette runs the middleware added last first: Host check, CORS, rate limit, API key, body limit.
+    if api_keys is not None:
+        app.add_middleware(ApiKeyCheck, keys=api_keys if isinstance(api_keys, ApiKeys) else ApiKeys(api_keys))
+    if rate_limit:  # before the key check: guessing keys is limited too
+        app.add_middleware(RateLimit, limiter=RateLimiter(rate_limit, rate_burst))
+    origins = [check_origin(o) for o in cors_origins]
+    if origins:  # outside the key check: a preflight (OPTIONS) carries no key, and 401s/429s get the headers
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", KEY_HEADER, "Content-Type"], expose_headers=["Retry-After"],
+                           max_age=600)
     if allowed_hosts is not None:  # added last: the outermost check, before anything reads the body
         policy = allowed_hosts if isinstance(allowed_hosts, HostPolicy) else HostPolicy(frozenset(
             h.strip().lower() for h in allowed_hosts))
@@ -152,6 +178,12 @@ def create_app(encoder: ItemEncoder, index: ProductIndex, classifier=None, catal
     _add_routes(app, svc)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _listed_ids(index) -> list[str] | None:
+    """The ids to keep catalog images for: a FAISS index's; None (every catalog row) for a Milvus
+    index, whose ids are not read through."""
+    return index.ids if isinstance(index, ProductIndex) else None
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -190,13 +222,18 @@ def _add_routes(app: FastAPI, svc: SearchService) -> None:
     """The endpoints: thin async wrappers that run the service's CPU-bound work in worker threads."""
 
     @app.post("/search", response_model=SearchOut, summary="Nearest products to an image and/or a title")
-    async def search(image: ImageField = None, title: TitleField = None, k: KForm = 10) -> SearchOut:
+    async def search(image: ImageField = None, title: TitleField = None, k: KForm = 10, filter: FilterForm = None,
+                     offset: OffsetForm = 0) -> SearchOut:
         query = await _read_query(svc, image, title)
-        return await run_in_threadpool(svc.search, query, k)
+        return await run_in_threadpool(svc.search, query, k, filter, offset)
 
     @app.get("/similar/{product_id:path}", response_model=SearchOut, summary="Nearest products to an indexed product")
-    def similar(product_id: IdPath, k: KQuery = 10) -> SearchOut:
-        return svc.similar(product_id, k)
+    def similar(product_id: IdPath, k: KQuery = 10, filter: FilterQuery = None, offset: OffsetQuery = 0) -> SearchOut:
+        return svc.similar(product_id, k, filter, offset)
+
+    @app.get("/facets", response_model=FacetsOut, summary="Metadata columns and their values (for filters)")
+    def facets() -> FacetsOut:
+        return svc.facets()
 
     @app.post("/embed", response_model=EmbedOut, summary="Embedding of an image and/or a title")
     async def embed(image: ImageField = None, title: TitleField = None) -> EmbedOut:
@@ -218,7 +255,7 @@ def _add_routes(app: FastAPI, svc: SearchService) -> None:
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
     def product_image(product_id: IdPath) -> Response:
         return Response(svc.thumbnail(product_id), media_type="image/jpeg",
-                        headers={"Cache-Control": "public, max-age=3600"})
+                        headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/products/{product_id:path}", response_model=ProductOut, summary="Metadata of an indexed product")
     def product(product_id: IdPath) -> ProductOut:
@@ -233,7 +270,7 @@ def _add_routes(app: FastAPI, svc: SearchService) -> None:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: str | Path | None = None,
+def load_service(model_dir: str | Path, index_dir: str | Path | MilvusSource, classifier_dir: str | Path | None = None,
                  catalog: str | Path | None = None, image_root: str | Path | None = None, *,
                  columns: Columns | None = None, device: str | None = None, precision: str = "auto",
                  **app_options) -> FastAPI:
@@ -245,7 +282,7 @@ def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: s
     from ..classify import Classifier
 
     encoder = ItemEncoder.from_pretrained(model_dir, device=device, precision=precision)
-    index = ProductIndex.load(index_dir, expected_model_id=encoder.model_id)
+    index = load_index(index_dir, expected_model_id=encoder.model_id)  # a folder, or a MilvusSource
     classifier = Classifier.load(classifier_dir, device=device, precision=precision) if classifier_dir is not None else None
     columns = columns or Columns()
     max_pixels = app_options.get("max_pixels", DEFAULT_MAX_PIXELS)
@@ -263,8 +300,10 @@ def load_service(model_dir: str | Path, index_dir: str | Path, classifier_dir: s
         cat = Catalog.open(source, columns, root, read_columns=[columns.id, columns.image])
         if columns.image not in cat.column_names:
             raise ServiceLoadError(f"catalog {source} has no image column {columns.image!r}: map it with --image-column")
-        images = ProductImages.from_catalog(cat, ix.ids, ImageLimits(max_pixels=max_pixels))
-        if len(cat) and not any(clean_id(i) in ix for i in cat.frame[columns.id]):
+        images = ProductImages.from_catalog(cat, _listed_ids(ix), ImageLimits(max_pixels=max_pixels))
+        # A Milvus index is asked about the first ids only (one lookup each).
+        ids = cat.frame[columns.id] if isinstance(ix, ProductIndex) else cat.frame[columns.id].head(CATALOG_PROBE)
+        if len(cat) and not any(clean_id(i) in ix for i in ids if clean_id(i) is not None):
             raise ServiceLoadError(f"catalog {source} shares no product id with the index: wrong catalog?")
         if len(images) < len(ix):
             logger.info("%d of %d indexed products have a catalog image", len(images), len(ix))

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import io
-import math
 import stat
 import threading
 from pathlib import Path
 from typing import Any, Iterable
 
-import pandas as pd
 from PIL import Image
 
 from ..data import remote
 from ..data.catalog import Catalog
-from ..data.images import ImageError, ImageLimits, decode_image
+from ..data.ids import IdError, product_id
+from ..data.images import ImageError, ImageLimits, decode_image, path_error
 from ..data.remote import FetchOptions, fetch_bytes
 from .memory import DecodeBudget, decode_bounded
 
@@ -22,13 +21,12 @@ THUMBNAIL_PX = 256
 
 
 def clean_id(value: Any) -> str | None:
-    """An id as the catalog reader spells it (integer floats as ints, whitespace collapsed)."""
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    """A catalog id cell as the index spells it (``data.ids.product_id``, the one rule); None when it
+    is missing or refused (a refused id was never indexed, so it has no image to serve)."""
+    try:
+        return product_id(value)
+    except IdError:
         return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = " ".join(str(value).split())
-    return text or None
 
 
 class ProductImages:
@@ -84,7 +82,10 @@ class ProductImages:
             return remote.join(self.root, value)
         if self.root is None:
             raise ImageError("no image root to resolve the catalog path against")
-        path = (self.root / value).resolve()  # an absolute value replaces the root: checked below
+        try:
+            path = (self.root / value).resolve()  # an absolute value replaces the root: checked below
+        except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte, a name too long
+            raise path_error(e, value) from None
         if not path.is_relative_to(self.root):
             raise ImageError(f"image path {value!r} is outside the image root")
         return path

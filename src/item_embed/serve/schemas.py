@@ -20,7 +20,14 @@ class ProductOut(BaseModel):
 
 
 class HitOut(ProductOut):
-    score: float = Field(description="cosine similarity to the query")
+    score: float = Field(description="cosine similarity to the query (raw; its range depends on the query mode)")
+    rank: int = Field(1, description="1-based rank among all results of the query (offset included)")
+    relevance: float | None = Field(
+        None, ge=0, le=1,
+        description="the share of the catalog this hit is closer to the query than: the hit's cosine as a "
+                    "percentile of the query's cosines to a fixed random sample of indexed products (up to "
+                    "1,000, drawn when the index is loaded). Comparable across query modes, unlike score; "
+                    "null when the index gives no sample")
     predicted_category: Prediction | None = Field(None, description="top label when a classifier is loaded")
 
 
@@ -33,6 +40,13 @@ class QueryOut(BaseModel):
 class SearchOut(BaseModel):
     query: QueryOut
     k: int
+    mode: str = Field("joint", description="joint (photo + title), title, photo (photo only) or product (/similar)")
+    note: str | None = Field(None, description="what to know about this query's scores (photo-only queries)")
+    filter: str | None = Field(None, description="the metadata filter applied (index.filters language)")
+    offset: int = Field(0, description="results skipped before these (paging)")
+    total: int | None = Field(None, description="products the query could return: those passing the filter "
+                                                "(the query product excluded for /similar); null if unknown")
+    has_more: bool = Field(False, description="whether a request with offset + k finds more results")
     hits: list[HitOut]
     label_column: str | None = Field(None, description="what the classifier predicts (e.g. category)")
     took_ms: float
@@ -69,3 +83,24 @@ class HealthOut(BaseModel):
     index_loaded: str | None = Field(None, description="when the index in service was loaded (UTC)")
     last_reload: str | None = Field(None, description="ok or refused: the outcome of the latest reload, "
                                                       "null before any")
+
+
+class FacetValue(BaseModel):
+    value: str | int | float | bool
+    count: int
+
+
+class FacetColumn(BaseModel):
+    name: str
+    kind: str = Field(description="string, int, float, bool or other (other cannot be filtered)")
+    distinct: int = Field(description="distinct non-missing values")
+    filterable: bool = Field(description="whether the filter language can name this column")
+    values: list[FacetValue] = Field(default_factory=list,
+                                     description="each value with its product count, most frequent first; "
+                                                 "empty when the column has more than max_values values")
+
+
+class FacetsOut(BaseModel):
+    columns: list[FacetColumn]
+    max_values: int
+    index_size: int

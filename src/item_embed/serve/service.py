@@ -33,6 +33,7 @@ index is logged and the old one stays in service.
 from __future__ import annotations
 
 import io
+import keyword
 import logging
 import math
 import re
@@ -52,15 +53,24 @@ from PIL import Image
 
 from ..data.images import DEFAULT_MAX_PIXELS, ImageError, ImageLimits
 from ..encode import ItemEncoder
+from ..index.filters import BOOL, INT, OTHER, STRING, Filter, FilterError, column_kinds, parse_filter
+from ..index.milvus_index import MilvusSource, load_index
 from ..index.product_index import IndexLoadError, ProductIndex
 from .memory import DEFAULT_DECODE_MEMORY_MB, DEFAULT_UPLOAD_MAX_PIXELS, MIB, DecodeBudget, DecodeRefused, decode_bounded
 from .product_images import ProductImages
-from .schemas import ClassifyOut, HealthOut, HitOut, Prediction, ProductOut, QueryOut, SearchOut
+from .schemas import (ClassifyOut, FacetColumn, FacetsOut, FacetValue, HealthOut, HitOut, Prediction, ProductOut,
+                      QueryOut, SearchOut)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 10_000_000
 MAX_K = 100
+MAX_OFFSET = 1000  # paging ("load more") goes this deep: a page asks the index for offset + k + 1 hits
+REFERENCE_SAMPLE = 1000  # random indexed products a hit's relevance is measured against
+MAX_FACET_VALUES = 50  # /facets lists a column's values when it has at most this many
+PHOTO_ONLY_NOTE = ("Matched by shape only: the model's photo understanding is limited, so raw photo-only "
+                   "scores stay low (near 0.1 at best). Relevance is relative: the share of the catalog "
+                   "each hit is closer to the photo than.")
 PREDICTION_CACHE = 50_000  # fine-tuned classifier: predicted labels of catalog products kept
 
 
@@ -123,11 +133,85 @@ class _Served:
     images: ProductImages | None
     loaded: str
     predictions: dict[str, Prediction | None] = field(default_factory=dict)  # fine-tuned classifier cache
+    reference: "_Reference | None" = None  # what relevance is measured against
+    facets: list[FacetColumn] = field(default_factory=list)  # /facets of this index
 
     @classmethod
     def of(cls, index: ProductIndex, images: ProductImages | None) -> "_Served":
-        return cls(index, {pid: i for i, pid in enumerate(index.ids)}, images,
-                   datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        # A Milvus index is not read through to list its ids: its products are looked up by id.
+        row_of = {pid: i for i, pid in enumerate(index.ids)} if isinstance(index, ProductIndex) else {}
+        return cls(index, row_of, images,
+                   datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   reference=_Reference.sample(index), facets=_facets(index))
+
+    @property
+    def frame(self) -> pd.DataFrame | None:
+        """The index's metadata as a frame, when it keeps one (FAISS does; a remote index may not)."""
+        meta = getattr(self.index, "metadata", None)
+        return meta if isinstance(meta, pd.DataFrame) else None
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """A fixed random sample of indexed products (up to REFERENCE_SAMPLE, seed 0, drawn once per
+    loaded index): a hit's relevance is the share of it the hit is closer to the query than."""
+
+    ids: tuple[str, ...]
+    vectors: np.ndarray  # (m, d) float32, unit rows
+
+    @classmethod
+    def sample(cls, index) -> "_Reference | None":
+        try:
+            ids = list(index.ids)
+            if not ids:
+                return None
+            rng = np.random.default_rng(0)
+            pick = sorted(rng.choice(len(ids), size=min(REFERENCE_SAMPLE, len(ids)), replace=False).tolist())
+            chosen = tuple(ids[i] for i in pick)
+            vectors = np.stack([np.asarray(index.vector(i), dtype=np.float32) for i in chosen])
+        except Exception as e:  # an index that cannot list or give back vectors: no relevance
+            logger.warning("no relevance scale for this index (%s: %s)", type(e).__name__, e)
+            return None
+        return cls(chosen, vectors)
+
+    def relevance(self, query: np.ndarray, scores: list[float], exclude: str | None = None) -> list[float]:
+        """Per score: the share of the sample (``exclude`` left out) whose cosine to ``query`` is
+        lower, ties counted half. Monotone in the score for one query."""
+        ref = self.vectors @ np.asarray(query, dtype=np.float32)
+        if exclude is not None and exclude in self.ids:
+            ref = np.delete(ref, self.ids.index(exclude))
+        if not len(ref):
+            return [1.0 for _ in scores]
+        ref = np.sort(ref)
+        s = np.asarray(scores, dtype=np.float32)
+        below = np.searchsorted(ref, s, side="left")
+        not_above = np.searchsorted(ref, s, side="right")
+        return [round(float(v), 4) for v in np.clip((below + not_above) / (2 * len(ref)), 0.0, 1.0)]
+
+
+def _facets(index) -> list[FacetColumn]:
+    """The index's metadata columns: kind, distinct count and, for up to MAX_FACET_VALUES distinct
+    values, each value with its product count (what the page builds its filter menus from)."""
+    frame = getattr(index, "metadata", None)
+    if not isinstance(frame, pd.DataFrame):
+        return []
+    out = []
+    for name, kind in column_kinds(frame).items():
+        col = frame[name]
+        try:
+            counts = col.dropna().value_counts(sort=False) if kind != OTHER else None
+        except TypeError:  # unhashable cells (lists)
+            counts, kind = None, OTHER
+        distinct = int(len(counts)) if counts is not None else 0
+        values = []
+        if counts is not None and kind in (STRING, INT, BOOL) and distinct <= MAX_FACET_VALUES:
+            pairs = [(_jsonable(v), int(c)) for v, c in counts.items()]
+            pairs.sort(key=lambda vc: (-vc[1], str(vc[0])))
+            values = [FacetValue(value=v, count=c) for v, c in pairs if v is not None]
+        named = str(name).isidentifier() and not keyword.iskeyword(str(name)) and str(name) not in ("true", "false", "True", "False", "None", "null")
+        out.append(FacetColumn(name=str(name), kind=kind, distinct=distinct, values=values,
+                               filterable=named and kind != OTHER))
+    return out
 
 
 RELOAD_ATTEMPTS = 3  # an index being saved is briefly absent (two renames): try again shortly
@@ -166,7 +250,8 @@ class SearchService:
                                          max_bytes=self.max_upload_bytes)
         self.decode_budget = DecodeBudget(decode_memory_bytes)
         self.title_column = title_column
-        self.index_dir = Path(index_dir) if index_dir is not None else None
+        self.index_dir = index_dir if isinstance(index_dir, MilvusSource) else (
+            Path(index_dir) if index_dir is not None else None)
         self._images_loader = images_loader
         self._served = _Served.of(index, images)
         self._reload_lock = threading.Lock()
@@ -196,7 +281,7 @@ class SearchService:
         if index.dim != self.encoder.dim:
             raise ServiceLoadError(f"the index has dimension {index.dim}, the encoder {self.encoder.dim}")
         if len(index):  # a probe: an indexed product's own vector must come back (or an exact twin of it)
-            probe = index.ids[0]
+            probe = index.ids[0] if isinstance(index, ProductIndex) else next(index.iter_ids())
             hits = index.search(index.vector(probe)[None, :], 10)[0]
             if not any(h.score > 0.99 for h in hits):
                 raise ServiceLoadError(f"the index does not find product {probe!r} from its own vector: damaged")
@@ -210,7 +295,8 @@ class SearchService:
         Reloads are serialised; one may run while requests are served.
         """
         with self._reload_lock:
-            source = Path(directory) if directory is not None else self.index_dir
+            source = ((directory if isinstance(directory, MilvusSource) else Path(directory))
+                      if directory is not None else self.index_dir)
             if source is None:
                 raise ValueError("no index directory to reload from: the service was built from a loaded index")
             t0 = time.perf_counter()
@@ -230,10 +316,11 @@ class SearchService:
                            source, time.perf_counter() - t0, len(new), len(old.index), self.index_generation)
             return True
 
-    def _load_checked(self, source: Path) -> ProductIndex:
+    def _load_checked(self, source: Path | MilvusSource) -> ProductIndex:
         for attempt in range(RELOAD_ATTEMPTS):
             try:
-                index = ProductIndex.load(source, expected_model_id=self.encoder.model_id)
+                # Milvus: the alias is read again, and the collection it names checked for the model.
+                index = load_index(source, expected_model_id=self.encoder.model_id)
                 break
             except IndexLoadError as e:
                 # A save in progress moves the folder aside for a moment: the next try finds it.
@@ -313,32 +400,88 @@ class SearchService:
                            label_column=self.classifier.label_column, model_id=self.classifier.model_id,
                            modalities=query.modalities)
 
-    def search(self, query: SearchQuery, k: int) -> SearchOut:
+    def search(self, query: SearchQuery, k: int, filter: str | None = None, offset: int = 0) -> SearchOut:
+        """The query's hits ranked offset+1 .. offset+k, among the products passing ``filter``."""
         t0 = time.perf_counter()
-        vector = self.embed(query)
         served = self._served  # one index for the whole request, even if a reload swaps it meanwhile
-        hits = served.index.search(vector[None, :], k)[0]
+        parsed = self._parse_filter(served, filter)  # a bad filter is refused before any model work
+        vector = self.embed(query)
+        hits = self._search_page(served, vector[None, :], k, offset, parsed)
         q = QueryOut(modalities=query.modalities, predicted_category=self.predict_query(query, vector))
-        return self._answer(served, q, hits, k, t0)
+        mode = {"image+title": "joint", "image": "photo", "title": "title"}["+".join(query.modalities)]
+        return self._answer(served, q, hits, k, t0, mode=mode, vector=vector, filter=parsed, offset=offset)
 
-    def similar(self, product_id: str, k: int) -> SearchOut:
+    def similar(self, product_id: str, k: int, filter: str | None = None, offset: int = 0) -> SearchOut:
         t0 = time.perf_counter()
         served = self._served
-        if product_id not in served.row_of:
+        if product_id not in served.index:
             raise HTTPException(404, f"product {product_id!r} is not in the index")
-        hits = served.index.search_id(product_id, k)
-        q = QueryOut(modalities=["product"], product=self._product_at(served, product_id, served.row_of[product_id]))
-        return self._answer(served, q, hits, k, t0)
+        parsed = self._parse_filter(served, filter)
+        vector = served.index.vector(product_id)
+        hits = self._search_page(served, vector[None, :], k, offset, parsed, exclude=product_id)
+        q = QueryOut(modalities=["product"],
+                     product=self._product_at(served, product_id, served.row_of.get(product_id, -1)))
+        return self._answer(served, q, hits, k, t0, mode="product", vector=vector, filter=parsed, offset=offset,
+                            exclude=product_id)
 
-    def _answer(self, served: _Served, q: QueryOut, hits, k: int, t0: float) -> SearchOut:
-        predictions = self._hit_predictions(served, [h.id for h in hits])
+    @staticmethod
+    def _parse_filter(served: _Served, text: str | None) -> Filter | str | None:
+        """The request's filter checked against the index's columns (400 with the reason when unusable);
+        None for no filter. Without a local metadata frame the text goes to the index as it is."""
+        if text is None or not text.strip():
+            return None
+        frame = served.frame
+        if frame is None:
+            return text.strip()
+        try:
+            return parse_filter(text.strip(), frame)
+        except FilterError as e:
+            raise HTTPException(400, f"bad filter: {e}") from None
+
+    @staticmethod
+    def _search_page(served: _Served, q: np.ndarray, k: int, offset: int, filter, exclude: str | None = None):
+        """Up to offset + k + 1 hits (the one past the page tells whether there are more)."""
+        try:
+            if exclude is not None:
+                return served.index.search(q, offset + k + 1, exclude=[{exclude}], filter=filter)[0]
+            return served.index.search(q, offset + k + 1, filter=filter)[0]
+        except FilterError as e:  # e.g. a remote index's own check of the filter
+            raise HTTPException(400, f"bad filter: {e}") from None
+
+    def _answer(self, served: _Served, q: QueryOut, hits, k: int, t0: float, *, mode: str, vector: np.ndarray,
+                filter=None, offset: int = 0, exclude: str | None = None) -> SearchOut:
+        has_more = len(hits) > offset + k
+        page = hits[offset:offset + k]
+        relevance: list[float | None] = [None] * len(page)
+        if served.reference is not None and page:
+            relevance = served.reference.relevance(vector, [h.score for h in page], exclude=exclude)
+        predictions = self._hit_predictions(served, [h.id for h in page])
         out = []
-        for h, pred in zip(hits, predictions):
-            p = self._product_at(served, h.id, h.row)
-            out.append(HitOut(**p.model_dump(), score=h.score, predicted_category=pred))
+        for rank, (h, pred, rel) in enumerate(zip(page, predictions, relevance), start=offset + 1):
+            p = self._product_at(served, h.id, h.row, getattr(h, "metadata", None))
+            out.append(HitOut(**p.model_dump(), score=h.score, rank=rank, relevance=rel, predicted_category=pred))
         label_column = self.classifier.label_column if self.classifier is not None else None
-        return SearchOut(query=q, k=k, hits=out, label_column=label_column,
-                         took_ms=round((time.perf_counter() - t0) * 1000, 2))
+        return SearchOut(query=q, k=k, mode=mode, note=PHOTO_ONLY_NOTE if mode == "photo" else None,
+                         filter=str(filter) if filter is not None else None, offset=offset,
+                         total=self._total(served, filter, exclude), has_more=has_more, hits=out,
+                         label_column=label_column, took_ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    @staticmethod
+    def _total(served: _Served, filter, exclude: str | None) -> int | None:
+        """How many products the query could return (None when the index keeps no metadata frame)."""
+        n = len(served.index)
+        if filter is None:
+            return max(0, n - (1 if exclude is not None else 0))
+        frame = served.frame
+        if frame is None or not isinstance(filter, Filter):
+            return None
+        mask = filter.mask(frame)
+        row = served.row_of.get(exclude) if exclude is not None else None
+        return int(mask.sum()) - (1 if row is not None and mask[row] else 0)
+
+    def facets(self) -> FacetsOut:
+        served = self._served
+        return FacetsOut(columns=served.facets, max_values=MAX_FACET_VALUES, index_size=len(served.index))
 
     # ------------------------------------------------------------------ products
 
@@ -353,20 +496,30 @@ class SearchService:
 
     def product(self, product_id: str) -> ProductOut:
         served = self._served
-        row = served.row_of.get(product_id)
-        if row is None:
-            raise HTTPException(404, f"product {product_id!r} is not in the index")
-        return self._product_at(served, product_id, row)
+        row = served.row_of.get(product_id, -1)
+        cells = None
+        try:
+            if row < 0:  # not in a FAISS index, or a Milvus index (asked for the product's cells)
+                cells = served.index.product(product_id) if not isinstance(served.index, ProductIndex) else None
+                if cells is None:
+                    raise KeyError(product_id)
+        except KeyError:
+            raise HTTPException(404, f"product {product_id!r} is not in the index") from None
+        return self._product_at(served, product_id, row, cells)
 
-    def _product_at(self, served: _Served, product_id: str, row: int) -> ProductOut:
-        cells = {str(k): _jsonable(v) for k, v in served.index.metadata.iloc[row].items()}
+    def _product_at(self, served: _Served, product_id: str, row: int, cells=None) -> ProductOut:
+        """A product's card: ``cells`` (its metadata, when a Milvus hit carries it), else row ``row`` of
+        a FAISS index's metadata, else (row -1) the index asked by id."""
+        if cells is None:
+            cells = served.index.metadata.iloc[row] if row >= 0 else served.index.product(product_id)
+        cells = {str(k): _jsonable(v) for k, v in cells.items()}
         title = cells.pop(self.title_column, None)
         return ProductOut(id=product_id, title=title if isinstance(title, str) else None,
                           image_url=self._image_url(served, product_id), metadata=cells)
 
     def thumbnail(self, product_id: str) -> bytes:
         served = self._served
-        if product_id not in served.row_of:
+        if product_id not in served.index:
             raise HTTPException(404, f"product {product_id!r} is not in the index")
         if served.images is None:
             raise HTTPException(404, "no catalog loaded: product images are not available")
@@ -407,7 +560,8 @@ class SearchService:
         enc = self.clf_encoder
         products, owners = [], []
         for i in ids:
-            title = served.index.metadata.iloc[served.row_of[i]].get(self.title_column)
+            cells = served.index.metadata.iloc[served.row_of[i]] if i in served.row_of else served.index.product(i)
+            title = cells.get(self.title_column)
             record: dict[str, Any] = {"id": i, "title": title if isinstance(title, str) else None}
             if served.images is not None and i in served.images:
                 try:
