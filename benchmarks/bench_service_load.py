@@ -84,8 +84,10 @@ class Server:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         for attempt in range(3):  # another process may take the free port between probe and bind
             self.port = free_port()
+            # All load comes from one address: the per-client rate limit is off to measure capacity.
             cmd = [sys.executable, "-m", "item_embed", "serve", "--model", self.model, "--index", self.index,
-                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *self.extra]
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--rate-limit", "0",
+                   *self.extra]
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             if self._wait_ready():

@@ -365,3 +365,75 @@ def test_a_photo_only_query_is_explained_and_not_kept_in_links(site, browser):
     note = browser.find_element(By.ID, "link-note")
     assert note.is_displayed() and "not kept in links" in note.text
     assert _cards(browser) == [] and not browser.find_element(By.ID, "error").is_displayed()
+
+
+# ------------------------------------------------------------------ a server that needs an API key
+
+PAGE_KEY = "page-key-" + "Qw3Er5Ty7Ui9Op1As"
+
+
+@pytest.fixture(scope="module")
+def keyed_site(site, tiny_run):
+    """The same index served by an app that needs ``PAGE_KEY`` (a second uvicorn, another origin)."""
+    from item_embed.serve.app import load_service
+
+    _, catalog, frame = site
+    index_dir = next(p for p in catalog.parents if (p / "index").is_dir()) / "index"
+    app = load_service(tiny_run, index_dir, api_keys=[PAGE_KEY])
+    with live_server(app) as url:
+        yield url, frame
+
+
+def test_a_keyed_server_asks_for_the_key_and_the_tab_remembers_it(keyed_site, browser):
+    import httpx
+
+    url, frame = keyed_site
+    title = str(frame.iloc[6]["title"])
+    with httpx.Client(base_url=url, trust_env=False, timeout=30) as c:
+        assert c.post("/search", data={"title": title, "k": "10"}).status_code == 401
+        r = c.post("/search", data={"title": title, "k": "10"}, headers={"X-API-Key": PAGE_KEY})
+    assert r.status_code == 200, r.text
+    expected = [h["id"] for h in r.json()["hits"]]
+    assert len(expected) == 10
+
+    auth = lambda d: d.find_element(By.ID, "auth")  # noqa: E731
+    error = lambda d: d.find_element(By.ID, "error")  # noqa: E731
+    browser.get(url + "/")
+    _wait(browser, lambda d: d.find_element(By.ID, "health").text != "connecting…", "the page to start")
+    _title_search(browser, title)
+    _wait(browser, lambda d: auth(d).is_displayed() and error(d).is_displayed()
+          and d.find_element(By.ID, "results").get_attribute("data-state") == "error", "the key field")
+    assert "API key" in error(browser).text and _cards(browser) == []
+    assert PAGE_KEY not in browser.current_url
+
+    # A wrong key: refused, said so, the field stays.
+    box = browser.find_element(By.ID, "api-key-input")
+    box.send_keys("wrong-key-" + "0123456789abcdef")
+    browser.find_element(By.ID, "api-key-button").click()
+    _wait(browser, lambda d: error(d).is_displayed() and "refused" in error(d).text and auth(d).is_displayed(),
+          "the refusal of a wrong key")
+    assert _cards(browser) == []
+
+    # The right key: the query runs again by itself; thumbnails come as blobs fetched with the key.
+    box.send_keys(PAGE_KEY)
+    browser.find_element(By.ID, "api-key-button").click()
+    _wait_for_ids(browser, expected, "the results once the key is given")
+    _wait(browser, _images_loaded, "the thumbnails, fetched with the key")
+    srcs = browser.execute_script("return [...document.querySelectorAll('#results img')].map(i => i.src)")
+    assert srcs and all(s.startswith("blob:") for s in srcs)
+    assert not auth(browser).is_displayed() and not error(browser).is_displayed()
+    assert box.get_attribute("value") == ""
+    # The start the 401 interrupted is finished too: the health line, the filter menus.
+    _wait(browser, lambda d: "products" in d.find_element(By.ID, "health").text
+          and d.find_elements(By.CSS_SELECTOR, "#filters select"), "the health line and the filters")
+    assert "title=" in browser.current_url and PAGE_KEY not in browser.current_url
+    assert browser.execute_script("return sessionStorage.getItem('item-embed-api-key')") == PAGE_KEY
+
+    # A reload: the tab still has the key; the results come back without asking.
+    browser.refresh()
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1", "the page")
+    _wait_for_ids(browser, expected, "the results after a reload")
+    _wait(browser, _images_loaded, "the thumbnails after a reload")
+    assert not auth(browser).is_displayed() and not error(browser).is_displayed()
+    assert browser.find_elements(By.CSS_SELECTOR, "#filters select")
+    assert PAGE_KEY not in browser.current_url

@@ -35,6 +35,7 @@ let current = null; // the query on screen: {state, file, shown, hasMore, total}
 const photos = new Map(); // history entry key -> the photo File of that query (this tab only)
 let photoKeys = 0;
 let retryAfterKey = null; // what to do again once an API key is entered
+let started = false; // start() got past /health and /facets (a 401 there cuts it short)
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -109,7 +110,9 @@ authForm.addEventListener("submit", (e) => {
   clearError();
   const again = retryAfterKey;
   retryAfterKey = null;
-  if (again) again();
+  // A start cut short by the 401 (health line, filter menus, the link's query) is finished first.
+  const first = started || again === start ? Promise.resolve() : start();
+  first.then(() => again && again());
 });
 
 // ------------------------------------------------------------------ image choice
@@ -593,6 +596,7 @@ async function start() {
     $("health").title = `model ${h.model_id}`;
     const f = await apiFetch("/facets");
     if (f.ok) buildFilters((await f.json()).columns);
+    started = true;
   } catch (err) {
     if (err instanceof AuthNeeded) {
       retryAfterKey = start;
