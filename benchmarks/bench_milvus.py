@@ -90,6 +90,7 @@ def main() -> None:
     p.add_argument("--embeddings", help="an embedding .parquet to use instead of random vectors")
     p.add_argument("--db", help="Milvus Lite database to build in (default: a temporary folder)")
     p.add_argument("--quick", action="store_true", help="10k products, 200 queries (not for quoting)")
+    p.add_argument("--no-results", action="store_true", help="print only; do not update RESULTS.md")
     a = p.parse_args()
     if a.quick:
         a.n, a.queries = 10_000, 200
@@ -143,8 +144,14 @@ def main() -> None:
     print()
     print(C.run_context(load_start, C.loadavg(), quiet, wall))
     print(f"- Data: {source}; {len(q)} batched queries, {len(single)} single, {len(filtered_q)} filtered")
+    body = (f"{C.run_context(load_start, C.loadavg(), quiet, wall)}\n"
+            f"- Data: {source}; {len(q)} batched queries, {len(single)} single, {len(filtered_q)} filtered. "
+            "Recall@10 against FAISS flat (exact); filtered recall against the exact filtered top-10.\n\n"
+            f"{C.markdown_table(headers, rows)}")
     print()
-    print(C.markdown_table(headers, rows))
+    print(body)
+    if not (a.no_results or a.quick):
+        C.update_results("bench_milvus", "Milvus Lite vs FAISS as the search backend (bench_milvus.py)", body)
     tmp.cleanup()
 
 

@@ -133,9 +133,14 @@ def test_a_torn_last_log_line_is_dropped_and_a_damaged_one_is_named(tmp_path):
     assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2, 3, 4]
     assert not list(tmp_path.glob(".metrics*")), "the rewrite left its temporary file"
 
-    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(CheckpointError, match=r"metrics.jsonl line 2"):
-        _truncate_metrics(log, 2)
+    log.write_text('{"step": 1}\n{"step": 2, "lo\n\n\n')  # torn, then blank lines
+    _truncate_metrics(log, 5)
+    assert log.read_text() == '{"step": 1}\n'
+
+    for damaged in ("not json", "[1, 2]", "7"):
+        log.write_text(f'{{"step": 1}}\n{damaged}\n{{"step": 2}}\n')
+        with pytest.raises(CheckpointError, match=r"metrics.jsonl line 2"):
+            _truncate_metrics(log, 2)
 
 
 def test_a_committed_embedding_file_survives_a_power_cut(tmp_path, monkeypatch):

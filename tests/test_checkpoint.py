@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pytest
 
@@ -112,10 +111,8 @@ def test_tampered_model_config_is_refused_naming_config_json_before_allocation(t
     monkeypatch.setattr(ItemModel, "__init__", never)
     run = _copy(tiny_run, tmp_path / "run")
     _edit_config(run, lambda c: c["model"].update(edit))
-    t0 = time.perf_counter()
     with pytest.raises(CheckpointError, match=match) as e:
         ItemEncoder.from_pretrained(run)
-    assert time.perf_counter() - t0 < 5
     assert str(run / "config.json") in str(e.value) and "\n" not in str(e.value)
 
 

@@ -102,7 +102,7 @@ def test_two_process_embed_writes_shards_equal_to_one_process(tiny_catalog, tiny
     assert read_embedding_metadata(sharded)["model_id"] == manifest["model_id"]
 
 
-# ----------------------------------------------------------------- exact ids and bad lines through the CLI (issue 27)
+# ----------------------------------------------------------------- exact ids and bad lines through the CLI
 
 BIG = 2**53  # 2**53 + 1 has no float64: an id that passes through float comes out as 2**53
 

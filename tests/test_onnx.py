@@ -227,7 +227,7 @@ def test_a_dual_encoder_folder_is_refused(tmp_path, tiny_run):
     assert not (tmp_path / "out").exists()
 
 
-# ------------------------------------------------------------------ real products (issue 24: 200 of them)
+# ------------------------------------------------------------------ 200 real products
 
 
 def _real_model(tiny_run) -> Path:
@@ -305,3 +305,18 @@ def test_a_model_with_a_pretrained_backbone_exports(family, tmp_path):
     photos = [Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)) for _ in range(5)]
     records = [{"title": f"shirt {i}", "image": photos[i]} for i in range(5)] + photos[:2] + ["a title"]
     _assert_parity(torch_enc.encode(records), onnx_enc.encode(records))
+
+
+def test_export_never_replaces_a_folder_that_is_not_an_export(tiny_run, tmp_path):
+    """--out pointed at a folder of other files, or at the folder holding the run, is refused untouched."""
+    from item_embed.onnx_export import export_onnx
+
+    other = tmp_path / "models"
+    other.mkdir()
+    (other / "keep.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not an ONNX export"):
+        export_onnx(tiny_run, other, log=lambda s: None)
+    assert (other / "keep.txt").read_text() == "precious"
+    with pytest.raises(ValueError, match="holds it"):
+        export_onnx(tiny_run, tiny_run.parent, log=lambda s: None)
+    assert (tiny_run / "model.safetensors").is_file()

@@ -16,10 +16,10 @@ them changes no model id and fails no check.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .atomic_files import write_text_atomic
 
 CARD = "README.md"
 EVALUATION = "evaluation.json"
@@ -92,22 +92,6 @@ def read_evaluations(run_dir: str | Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------ writing
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` in one step (a temporary file beside it, then a rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_model_card(run_dir: str | Path) -> Path:

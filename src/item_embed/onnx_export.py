@@ -425,8 +425,10 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, opset: int = OPSET,
     import onnx
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.resolve() == run_dir.resolve():
-        raise ValueError("--out must be another folder than the model's")
+    if out_dir.resolve() == run_dir.resolve() or out_dir.resolve() in run_dir.resolve().parents:
+        raise ValueError("--out must be another folder than the model's, and not one that holds it")
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_onnx_folder(out_dir))):
+        raise ValueError(f"refusing to replace {out_dir}: it exists and is not an ONNX export")
     if opset < 17:
         raise ValueError(f"opset must be 17 or later (LayerNormalization), not {opset}")
     try:
@@ -446,9 +448,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, *, opset: int = OPSET,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir.parent, out_dir.name)
     tmp = temp_folder(out_dir)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export is meant to be shipped
+    os.chmod(tmp, 0o755)  # mkdtemp's folder is private; the export is meant to be shipped
     try:
         example = batches[1]  # 7 rows: no dimension of size 1 for torch.export to specialise
         with torch.no_grad(), _export_ready(model):

@@ -593,7 +593,7 @@ def test_embed_streams_carried_columns(tmp_path: Path) -> None:
             assert raw.loc[p.row, "id"] == p.id and raw.loc[p.row, "brand"] == "acme"
 
 
-# --------------------------------------------------------------------------- exact ids (issue 27, item 4)
+# --------------------------------------------------------------------------- exact ids
 
 BIG = 2**53  # the first integer where float64 starts skipping: 2**53 + 1 has no float
 
@@ -691,7 +691,7 @@ def test_csv_ids_with_padding_or_newlines_are_refused_and_reported_as_they_are(t
     ]
 
 
-# --------------------------------------------------------------------------- malformed CSV lines (issue 27, item 6)
+# --------------------------------------------------------------------------- malformed CSV lines
 
 # Physical lines: 1 header, 2 good, 3 extra field, 4 good, 5 short, 6 blank, 7 a quote never closed
 # that a later quote "closes" (the record swallows lines 8-9 and has too many fields), 8-9 good rows

@@ -1,4 +1,4 @@
-"""Limits and exposure of the service (issue 27): decode memory, the upload pixel cap, the read
+"""Limits and exposure of the service: decode memory, the upload pixel cap, the read
 deadline, the Host check, what 404s reveal, and a manifest whose kind does not match its FAISS file.
 
 The memory load test (``-m slow``) runs the real ``item-embed serve`` in a subprocess.

@@ -1,4 +1,4 @@
-"""Access control of the service (serve/security.py, issue 26): API keys, the refusal to bind an
+"""Access control of the service (serve/security.py): API keys, the refusal to bind an
 exposed address without one, CORS origins, the per-client rate limit, and keys never logged."""
 
 from __future__ import annotations
@@ -77,6 +77,18 @@ def test_without_a_key_every_route_but_health_and_the_page_is_401(world, keyed):
     # Public: the health check, the search page and its static files (they hold no data).
     for path in ("/health", "/", "/static/app.js", "/static/style.css"):
         assert keyed.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/health/../similar/{pid}"), ("GET", "//similar/{pid}"), ("GET", "/similar/{pid}/"),
+    ("GET", "/SIMILAR/{pid}"), ("GET", "/static/../similar/{pid}"), ("GET", "/static/..%2fsimilar/{pid}"),
+    ("GET", "/health/"), ("GET", "/HEALTH"), ("HEAD", "/similar/{pid}"), ("OPTIONS", "/similar/{pid}"),
+    ("GET", "/products/{pid}/image"), ("HEAD", "/products/{pid}/image"),
+])
+def test_path_and_method_tricks_never_reach_data_without_a_key(world, keyed, method, path):
+    r = keyed.request(method, path.format(pid=world.pid))
+    assert r.status_code in (401, 404, 405), (method, path, r.status_code)
+    assert world.pid not in r.text
 
 
 @pytest.mark.parametrize("headers", [{"Authorization": "Bearer wrong-key-0123456789"},

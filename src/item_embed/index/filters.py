@@ -492,6 +492,8 @@ def milvus_literal(value: Literal) -> str:
         return repr(value)  # shortest exact round trip: 0.1, 1e-05, 3.0
     text = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
             .replace("\t", "\\t"))
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):  # no escape Milvus reads for these
+        raise FilterError(f"filter text {value!r} holds a control character Milvus cannot take")
     return f'"{text}"'
 
 

@@ -46,9 +46,9 @@ import numpy as np
 import pandas as pd
 
 from ..data.remote import redact
-from .filters import BOOL, FLOAT, INT, OTHER, STRING, Filter, column_kind, parse_filter
+from .filters import BOOL, FLOAT, INT, OTHER, STRING, Filter, FilterError, column_kind, parse_filter
 from .product_index import (RECALL_K, RECALL_QUERIES, Hit, IndexLoadError, IndexReport, IndexSpec, ProductIndex,
-                            _id_list, _names, _normalised, _resolve_ivf, read_embedding_rows)
+                            id_list, listed_names, normalised_rows, resolve_ivf, read_embedding_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def _plan_columns(frame: pd.DataFrame) -> tuple[list[_Column], list[str]]:
     """Scalar fields for the metadata columns, and notes on what was converted or left out."""
     names = [str(c) for c in frame.columns]
     if len(set(names)) != len(names):
-        raise ValueError(f"metadata has repeated column names: {_names(pd.Index(names)[pd.Index(names).duplicated()])}")
+        raise ValueError(f"metadata has repeated column names: {listed_names(pd.Index(names)[pd.Index(names).duplicated()])}")
     fields = _field_names(names)
     columns, notes = [], []
     for name, col in zip(names, frame.columns):
@@ -357,7 +357,7 @@ def _check_ids(ids: Sequence[str]) -> None:
     long = [i for i in ids if len(i.encode("utf-8")) > ID_MAX_BYTES]
     if long:
         raise ValueError(f"{len(long)} product id(s) longer than {ID_MAX_BYTES} bytes, the most a Milvus index keeps: "
-                         f"{_names([i[:60] + '...' for i in long], 3)}")
+                         f"{listed_names([i[:60] + '...' for i in long], 3)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,15 +432,15 @@ class MilvusIndex:
         """
         t0 = time.perf_counter()
         _check_collection_name(collection)
-        ids = _id_list(ids)
+        ids = id_list(ids)
         _check_ids(ids)
-        x = _normalised(embeddings)
+        x = normalised_rows(embeddings)
         if len(x) != len(ids):
             raise ValueError(f"{len(x)} embeddings but {len(ids)} ids")
         if len(x) == 0:
             raise ValueError("no products to index")
-        frame = ProductIndex._aligned_metadata(metadata, len(ids)).rename(columns=str)
-        spec = _resolve_ivf(IndexSpec.parse(kind, **options), len(x))
+        frame = ProductIndex.aligned_metadata(metadata, len(ids)).rename(columns=str)
+        spec = resolve_ivf(IndexSpec.parse(kind, **options), len(x))
         columns, column_notes = _plan_columns(frame)
         if notes is not None:
             notes.extend(column_notes)
@@ -689,7 +689,7 @@ class MilvusIndex:
         f = filter if isinstance(filter, Filter) else self.parse_filter(filter)
         unknown = sorted(f.columns - set(self.columns))
         if unknown:
-            raise ValueError(f"filter {f.text!r}: no column {', '.join(map(repr, unknown))} in the index; "
+            raise FilterError(f"filter {f.text!r}: no column {', '.join(map(repr, unknown))} in the index; "
                              f"the columns are: {', '.join(self.columns) or '(none)'}")
         return f.to_milvus({c.column: c.field for c in self._columns})
 
@@ -734,7 +734,7 @@ class MilvusIndex:
         """Top-k products for each query vector, as ``ProductIndex.search``: queries (q, d) or (d,);
         exclude: per query, ids never to return; filter: metadata filter text (``index.filters``) or a
         ``Filter``, evaluated by Milvus. Hits carry their metadata."""
-        q = _normalised(queries, self.dim, "queries")
+        q = normalised_rows(queries, self.dim, "queries")
         if exclude is not None and len(exclude) != len(q):
             raise ValueError(f"exclude has {len(exclude)} sets for {len(q)} queries")
         expr = self._milvus_filter(filter)
@@ -812,20 +812,20 @@ class MilvusIndex:
             have = set(self._present(gone))
             unknown = [i for i in gone if i not in have]
             if unknown:
-                raise KeyError(f"not in the index: {_names(unknown)}")
+                raise KeyError(f"not in the index: {listed_names(unknown)}")
         ids: list[str] = []
         ignored: list[str] = []
         if add is not None:
             new_ids, embeddings, metadata = add
-            ids = _id_list(new_ids)
+            ids = id_list(new_ids)
             _check_ids(ids)
-            x = _normalised(embeddings, self.dim)
+            x = normalised_rows(embeddings, self.dim)
             if len(x) != len(ids):
                 raise ValueError(f"{len(x)} embeddings but {len(ids)} ids")
-            frame = ProductIndex._aligned_metadata(metadata, len(ids)).rename(columns=str)
+            frame = ProductIndex.aligned_metadata(metadata, len(ids)).rename(columns=str)
             taken = [i for i in self._present(ids) if i not in set(gone)]
             if taken:
-                raise ValueError(f"already in the index: {_names(taken)} (remove them first to replace them)")
+                raise ValueError(f"already in the index: {listed_names(taken)} (remove them first to replace them)")
             known = set(self.columns)
             ignored = [c for c in frame.columns if c not in known]
             for _ in _rows(ids, x, frame, self._columns):  # every cell checked before anything is written

@@ -261,7 +261,7 @@ class IndexSpec:
         return {k: getattr(self, k) for k in self._OPTIONS[self.kind]}
 
 
-def _normalised(vectors: np.ndarray, dim: int | None = None, what: str = "embeddings") -> np.ndarray:
+def normalised_rows(vectors: np.ndarray, dim: int | None = None, what: str = "embeddings") -> np.ndarray:
     """A C-contiguous float32 (n, d) copy with unit rows; refuses NaN/inf and zero rows."""
     x = np.array(np.atleast_2d(vectors), dtype=np.float32, order="C", copy=True)
     if x.ndim != 2:
@@ -277,15 +277,15 @@ def _normalised(vectors: np.ndarray, dim: int | None = None, what: str = "embedd
     return x
 
 
-def _id_list(ids: Iterable) -> list[str]:
+def id_list(ids: Iterable) -> list[str]:
     out = [str(i) for i in ids]
     dup = pd.Index(out)[pd.Index(out).duplicated()].unique()
     if len(dup):
-        raise ValueError(f"duplicate product ids: {_names(dup)}")
+        raise ValueError(f"duplicate product ids: {listed_names(dup)}")
     return out
 
 
-def _names(items: Sequence, limit: int = 10) -> str:
+def listed_names(items: Sequence, limit: int = 10) -> str:
     items = list(items)
     shown = ", ".join(repr(str(i)) for i in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -330,7 +330,7 @@ def _faiss_kind(index: faiss.Index) -> str | None:
     return None
 
 
-def _resolve_ivf(spec: IndexSpec, n: int) -> IndexSpec:
+def resolve_ivf(spec: IndexSpec, n: int) -> IndexSpec:
     """Fill ivf defaults from the row count: ~4 sqrt(n) lists, capped so each list gets enough points."""
     if spec.kind != "ivf":
         return spec
@@ -434,14 +434,14 @@ class ProductIndex:
         options: ``nlist``, ``nprobe`` (ivf); ``m``, ``ef_construction``, ``ef_search`` (hnsw).
         Approximate kinds record their recall@10 against exact search in the manifest.
         """
-        ids = _id_list(ids)
-        x = _normalised(embeddings)
+        ids = id_list(ids)
+        x = normalised_rows(embeddings)
         if len(x) != len(ids):
             raise ValueError(f"{len(x)} embeddings but {len(ids)} ids")
         if len(x) == 0:
             raise ValueError("no products to index")
-        metadata = cls._aligned_metadata(metadata, len(ids))
-        spec = _resolve_ivf(IndexSpec.parse(kind, **options), len(x))
+        metadata = cls.aligned_metadata(metadata, len(ids))
+        spec = resolve_ivf(IndexSpec.parse(kind, **options), len(x))
         index = _new_faiss_index(spec, x)
         labels = np.arange(len(x), dtype=np.int64)
         index.add_with_ids(x, labels)
@@ -487,7 +487,7 @@ class ProductIndex:
                          kind, catalog=meta.get("catalog"), image_root=meta.get("image_root"), **options)
 
     @staticmethod
-    def _aligned_metadata(metadata: pd.DataFrame | None, n: int) -> pd.DataFrame:
+    def aligned_metadata(metadata: pd.DataFrame | None, n: int) -> pd.DataFrame:
         if metadata is None:
             return pd.DataFrame(index=range(n))
         if len(metadata) != n:
@@ -575,7 +575,7 @@ class ProductIndex:
             return self._search(queries, k, exclude, filter)
 
     def _search(self, queries: np.ndarray, k: int, exclude: list[set[str]] | None, filter=None) -> list[list[Hit]]:
-        q = _normalised(queries, self.dim, "queries")
+        q = normalised_rows(queries, self.dim, "queries")
         if exclude is not None and len(exclude) != len(q):
             raise ValueError(f"exclude has {len(exclude)} sets for {len(q)} queries")
         allowed = self._filter_rows(filter) if filter is not None else None
@@ -663,16 +663,16 @@ class ProductIndex:
             self._add(ids, embeddings, metadata)
 
     def _add(self, ids: Iterable, embeddings: np.ndarray, metadata: pd.DataFrame | None) -> None:
-        ids = _id_list(ids)
-        x = _normalised(embeddings, self.dim)
+        ids = id_list(ids)
+        x = normalised_rows(embeddings, self.dim)
         if len(x) != len(ids):
             raise ValueError(f"{len(x)} embeddings but {len(ids)} ids")
         taken = [i for i in ids if i in self._row_of]
         if taken:
-            raise ValueError(f"already in the index: {_names(taken)} (remove them first to replace them)")
+            raise ValueError(f"already in the index: {listed_names(taken)} (remove them first to replace them)")
         if not ids:
             return
-        new = self._aligned_metadata(metadata, len(ids))
+        new = self.aligned_metadata(metadata, len(ids))
         start = int(self._manifest["next_label"])
         labels = np.arange(start, start + len(ids), dtype=np.int64)
         self._index.add_with_ids(x, labels)
@@ -693,7 +693,7 @@ class ProductIndex:
         ids = list(dict.fromkeys(str(i) for i in ids))
         unknown = [i for i in ids if i not in self._row_of]
         if unknown:
-            raise KeyError(f"not in the index: {_names(unknown)}")
+            raise KeyError(f"not in the index: {listed_names(unknown)}")
         if not ids:
             return
         rows = np.array(sorted(self._row_of[i] for i in ids), dtype=np.int64)

@@ -1,8 +1,8 @@
 """Bounded image decoding for the service, and the allocator settings that let its memory go back.
 
 An image's compressed size says nothing about what decoding it takes: a 0.3 MB PNG of one colour
-can claim 40 Mpx of 16-bit RGBA and need 160 MB decoded, and the conversions to RGB used to take
-four more copies of that. So every decode the service runs (uploads and catalog thumbnails) goes
+can claim 40 Mpx of 16-bit RGBA and need 320 MB decoded, and each conversion towards RGB at full
+size takes another copy. So every decode the service runs (uploads and catalog thumbnails) goes
 through :func:`decode_bounded`:
 
 1. the header is read without decoding (Pillow opens lazily): size, mode, format;

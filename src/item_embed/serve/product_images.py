@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import stat
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,7 +12,7 @@ from PIL import Image
 from ..data import remote
 from ..data.catalog import Catalog
 from ..data.ids import IdError, product_id
-from ..data.images import ImageError, ImageLimits, decode_image, path_error
+from ..data.images import ImageError, ImageLimits, decode_image, path_error, read_image_file
 from ..data.remote import FetchOptions, fetch_bytes
 from .memory import DecodeBudget, decode_bounded
 
@@ -98,21 +97,10 @@ class ProductImages:
             return src
         if isinstance(src, str):
             return fetch_bytes(src, self.limits.max_bytes, self.fetch)
-        name = self._sources[product_id]
         try:
-            st = src.stat()
-            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-                raise ImageError(f"catalog image {name!r} is not a regular file")
-            if st.st_size == 0:
-                raise ImageError(f"catalog image {name!r} is empty (0 bytes)")
-            if st.st_size > self.limits.max_bytes:
-                raise ImageError(f"catalog image {name!r} is {st.st_size:,} bytes, "
-                                 f"over the {self.limits.max_bytes:,}-byte cap")
-            return src.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(f"catalog image {name!r} not found") from None
-        except OSError as e:
-            raise ImageError(f"catalog image {name!r} cannot be read ({type(e).__name__})") from None
+            return read_image_file(src, self.limits.max_bytes)
+        except ImageError as e:  # name the catalog's own path, not the server's
+            raise ImageError(str(e).replace(str(src), repr(str(self._sources[product_id])))) from None
 
     def thumbnail(self, product_id: str, size: int = THUMBNAIL_PX, budget: DecodeBudget | None = None) -> bytes:
         """The product image decoded under the limits and re-encoded as a JPEG of at most ``size`` px.

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import keyword
+import itertools
 import logging
 import math
 import re
@@ -153,7 +154,7 @@ class _Served:
 
 @dataclass(frozen=True)
 class _Reference:
-    """A fixed random sample of indexed products (up to REFERENCE_SAMPLE, seed 0, drawn once per
+    """A fixed sample of indexed products (up to REFERENCE_SAMPLE; random, seed 0, drawn once per
     loaded index): a hit's relevance is the share of it the hit is closer to the query than."""
 
     ids: tuple[str, ...]
@@ -162,12 +163,15 @@ class _Reference:
     @classmethod
     def sample(cls, index) -> "_Reference | None":
         try:
-            ids = list(index.ids)
-            if not ids:
+            if isinstance(index, ProductIndex):
+                ids = index.ids
+                rng = np.random.default_rng(0)
+                pick = sorted(rng.choice(len(ids), size=min(REFERENCE_SAMPLE, len(ids)), replace=False).tolist())
+                chosen = tuple(ids[i] for i in pick)
+            else:  # a remote collection: listing every id would read all of it, so the first ones listed
+                chosen = tuple(itertools.islice(index.iter_ids(), REFERENCE_SAMPLE))
+            if not chosen:
                 return None
-            rng = np.random.default_rng(0)
-            pick = sorted(rng.choice(len(ids), size=min(REFERENCE_SAMPLE, len(ids)), replace=False).tolist())
-            chosen = tuple(ids[i] for i in pick)
             vectors = np.stack([np.asarray(index.vector(i), dtype=np.float32) for i in chosen])
         except Exception as e:  # an index that cannot list or give back vectors: no relevance
             logger.warning("no relevance scale for this index (%s: %s)", type(e).__name__, e)

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from ..checkpoint import (
     CheckpointError,
     latest_good_checkpoint, optimizer_from_tensors, optimizer_to_tensors, prune_checkpoints, save_folder_atomic,
 )
+from ..atomic_files import write_text_atomic
 from ..config import TrainConfig
 from ..runtime import Ranks, autocast, resolve_precision
 
@@ -360,21 +360,20 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines()
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
     keep = []
     for i, ln in enumerate(lines):
         if not ln.strip():
             continue
         try:
             rec = json.loads(ln)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == last:
                 continue
-            raise CheckpointError(f"{path} line {i + 1} is not JSON ({e}): repair or remove that line, then resume")
+            raise CheckpointError(f"{path} line {i + 1} is not a JSON record ({e}): repair or remove that line, "
+                                  "then resume") from None
         if rec.get("step", 0) <= step:
             keep.append(ln)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(ln + "\n" for ln in keep))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
