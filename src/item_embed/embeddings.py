@@ -157,7 +157,8 @@ def aligned_part_rows(part_rows: int, batch_size: int) -> int:
 
 
 def report_beside(out: Path) -> Path:
-    return out.parent / (out.stem + ".report.json")
+    """Where the row report of an embed output goes: EMB.report.json beside a file, inside a folder."""
+    return out.parent / (out.stem + ".report.json") if is_single_file(out) else out / "report.json"
 
 
 def copy_report(dst: CatalogReport, src: CatalogReport) -> None:

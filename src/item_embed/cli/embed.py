@@ -18,7 +18,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
     if a.ray_address is not None or a.actors is not None:
         raise ValueError("--ray-address and --actors belong to --engine ray")
     from ..data.catalog import CatalogReport
-    from ..embeddings import embed_catalog, embed_catalog_distributed, is_single_file
+    from ..embeddings import embed_catalog, embed_catalog_distributed, report_beside
     from ..encode import ItemEncoder
     from ..runtime import setup_distributed
 
@@ -40,7 +40,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
         report = CatalogReport()
         n = embed_catalog(catalog, encoder, out, batch_size=a.batch_size, strict=a.strict, report=report,
                           progress=not a.no_progress, **options)
-        report_path = out.parent / (out.stem + ".report.json") if is_single_file(out) else out / "report.json"
+        report_path = report_beside(out)
     dt = time.perf_counter() - t0
     print(f"embedded {n} products in {dt:.1f}s ({n / max(dt, 1e-9):.1f}/s, {encoder.precision}) -> {out}")
     finish_report(report, report_path.parent, report_path.name)
@@ -53,7 +53,7 @@ def _embed_ray(a: argparse.Namespace) -> int:
 
     from ..data.catalog import CatalogReport
     from ..embed_ray import embed_catalog_ray
-    from ..embeddings import is_single_file
+    from ..embeddings import report_beside
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--engine ray is one driver process: run it without torchrun")
@@ -69,7 +69,7 @@ def _embed_ray(a: argparse.Namespace) -> int:
     pool = f", {stats['precision']}, {_count(worked, 'Ray actor')} x {_count(stats['threads'], 'thread')}" \
         if worked else ""
     print(f"embedded {n} products in {dt:.1f}s ({n / max(dt, 1e-9):.1f}/s{pool}) -> {out}")
-    report_path = out.parent / (out.stem + ".report.json") if is_single_file(out) else out / "report.json"
+    report_path = report_beside(out)
     finish_report(report, report_path.parent, report_path.name)
     return 0
 

@@ -10,7 +10,6 @@ JSONL line that cannot be a row is a bad row too (:mod:`.tables`).
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import remote
-from .ids import IdError, product_id
+from .ids import IdError, is_missing, product_id
 from .images import ImageError, ImageLimits, load_image_array, resolve_location
 from .remote import FetchError, FetchOptions, fetch_bytes
 from .shards import PROBLEM, ShardTable, is_shard_spec
@@ -133,17 +132,9 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return value is pd.NA
-
-
 def _clean_text(value: Any, what: str) -> str | None:
     """A usable string, None when absent or blank; raises ValueError when not valid UTF-8."""
-    if _is_missing(value):
+    if is_missing(value):
         return None
     if isinstance(value, (bytes, bytearray)):
         try:
@@ -442,7 +433,7 @@ class Catalog:
         for row, (raw, problem) in enumerate(self._id_values()):
             if row >= before:
                 break
-            if not _is_missing(problem):  # a row the reader could not build claims nothing
+            if not is_missing(problem):  # a row the reader could not build claims nothing
                 continue
             try:
                 pid = product_id(raw)
@@ -464,10 +455,10 @@ class Catalog:
         try:
             pid = product_id(rec.get(c.id))  # exact, or refused: see ids.py
         except IdError as e:
-            if not _is_missing(rec.get(PROBLEM)):
+            if not is_missing(rec.get(PROBLEM)):
                 return Problem(row, None, str(rec[PROBLEM]))
             return Problem(row, e.shown, str(e))
-        if not _is_missing(rec.get(PROBLEM)):  # a row the reader could not build (bad CSV line, shard sample)
+        if not is_missing(rec.get(PROBLEM)):  # a row the reader could not build (bad CSV line, shard sample)
             return Problem(row, pid, str(rec[PROBLEM]))
         if pid is None:
             return Problem(row, None, "missing id")
@@ -481,7 +472,7 @@ class Catalog:
         value = rec.get(c.image)
         if isinstance(value, FetchError):
             return Problem(row, pid, f"image fetch failed: {value}", uri=value.uri, status=value.status)
-        if not _is_missing(value) and not (isinstance(value, str) and not value.strip()):
+        if not is_missing(value) and not (isinstance(value, str) and not value.strip()):
             try:
                 image = load_image_array(value, image_size, self.image_root, limits, self.fetch)
             except FetchError as e:

@@ -19,8 +19,9 @@ import socket
 from dataclasses import dataclass
 from typing import Iterable
 
+from .security import LOOPBACK_NAMES
+
 DEFAULT_READ_TIMEOUT_S = 60.0
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 ANY_ADDRESS = ("0.0.0.0", "::", "")
 
 
