@@ -12,6 +12,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that runs an engine worker in this process (it sets torch's threads to its share) must
+    not change the thread count later tests train with: bit-exact comparisons depend on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_catalog(tmp_path_factory) -> Path:
     """CSV catalog with image files: 40 products x 2-4 listings at 32 px."""

@@ -141,8 +141,8 @@ def test_search_by_uploaded_image_then_click_a_result(site, browser, tmp_path):
     url, catalog, frame = site
     query_row = frame.iloc[5]
     image = catalog.parent / _catalog_image(catalog, query_row["id"])
-    browser.get(url + "/")
-    _wait(browser, lambda d: "products" in d.find_element(By.ID, "health").text, "the health line")
+    _open(browser, url + "/")  # start() restores the URL's state when done: act after it
+    assert "products" in browser.find_element(By.ID, "health").text
     Select(browser.find_element(By.ID, "k-select")).select_by_visible_text(str(K))
     browser.find_element(By.ID, "image-input").send_keys(str(image))
     _wait(browser, lambda d: d.find_element(By.ID, "preview").is_displayed(), "the image preview")
@@ -195,7 +195,7 @@ def test_search_by_uploaded_image_then_click_a_result(site, browser, tmp_path):
 
 def test_errors_from_the_page_and_the_api_are_shown(site, browser, tmp_path):
     url, _, frame = site
-    browser.get(url + "/")
+    _open(browser, url + "/")
     error = browser.find_element(By.ID, "error")
     browser.find_element(By.ID, "search-button").click()
     _wait(browser, lambda d: error.is_displayed(), "the missing-query message")
