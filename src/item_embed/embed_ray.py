@@ -176,8 +176,8 @@ def embed_catalog_ray(catalog: Catalog, model: str | Path, out: str | Path, batc
     (``chunks``: [(seconds, rows, the actor's host:pid)]) and to the end
     (``done``), and the plan (``actors``, ``threads``, ``precision``). Returns the products written.
     """
-    from .embeddings import (aligned_part_rows, copy_report, report_beside, embedding_metadata, is_single_file,
-                             read_embedding_table, work_folder)
+    from .embeddings import (aligned_part_rows, copy_report, embedding_metadata, finished_output, is_single_file,
+                             join_parts, read_embedding_table, report_beside, work_folder)
 
     t0 = time.perf_counter()
     stats = stats if stats is not None else {}
@@ -200,15 +200,8 @@ def embed_catalog_ray(catalog: Catalog, model: str | Path, out: str | Path, batc
         metadata = embedding_metadata(info, catalog)
         joining = single and embed_parts.finished(folder, fp)
         state = embed_parts.prepare_folder(folder, fp, resume or joining)
-        if state == "done" and joining:
-            copy_report(report, embed_parts.read_report(folder / "report.json"))
-            written = embed_parts.merge_into_file(folder, out, metadata)
-            report.write(report_beside(out))
-            embed_parts.remove_folder(folder)
-            return written
         if state == "done":
-            copy_report(report, embed_parts.read_report(folder / "report.json"))
-            return sum(e["count"] for e in embed_parts.read_manifest(folder)["parts"])
+            return finished_output(folder, out, joining, metadata, report)
         if state == "resume" and progress:
             print(f"continuing the unfinished embedding run in {folder}")
         share, records = _embed_share(catalog, str(model), plan, info, folder, batch_size, strict, progress,
@@ -220,10 +213,7 @@ def embed_catalog_ray(catalog: Catalog, model: str | Path, out: str | Path, batc
     stats["done"] = time.perf_counter() - t0
     if not single:
         return report.used
-    written = embed_parts.merge_into_file(folder, out, metadata)
-    report.write(report_beside(out))
-    embed_parts.remove_folder(folder)
-    return written
+    return join_parts(folder, out, metadata, report)
 
 
 def row_checker(catalog: Catalog) -> Catalog:

@@ -123,15 +123,8 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
     # A single file whose parts were all committed but not yet joined (a crash while joining): join them.
     joining = is_single_file(out) and embed_parts.finished(folder, fp)
     state = embed_parts.prepare_folder(folder, fp, resume or joining)
-    if state == "done" and joining:
-        copy_report(report, embed_parts.read_report(folder / "report.json"))
-        written = embed_parts.merge_into_file(folder, out, metadata)
-        report.write(report_beside(out))
-        embed_parts.remove_folder(folder)
-        return written
     if state == "done":
-        copy_report(report, embed_parts.read_report(folder / "report.json"))
-        return sum(e["count"] for e in embed_parts.read_manifest(folder)["parts"])
+        return finished_output(folder, out, joining, metadata, report)
     if state == "resume" and progress:
         print(f"continuing the unfinished embedding run in {folder}")
     share, records = embed_parts.embed_share(catalog, encoder, folder, 0, 1, batch_size, strict, progress,
@@ -142,10 +135,25 @@ def embed_catalog(catalog: Catalog, encoder: ItemEncoder, out: str | Path, batch
     embed_parts.finish(folder, fp, records, report)
     if not is_single_file(out):
         return report.used
+    return join_parts(folder, out, metadata, report)
+
+
+def join_parts(folder: Path, out: Path, metadata: dict[bytes, bytes], report: CatalogReport) -> int:
+    """A single-file output's committed parts joined into ``out``, its report beside it; returns rows."""
     written = embed_parts.merge_into_file(folder, out, metadata)
     report.write(report_beside(out))
     embed_parts.remove_folder(folder)
     return written
+
+
+def finished_output(folder: Path, out: Path, joining: bool, metadata: dict[bytes, bytes],
+                    report: CatalogReport) -> int:
+    """An output whose parts are all committed: its report copied into ``report``, a single file's
+    parts joined (``joining``: a crash while joining); returns the products written."""
+    copy_report(report, embed_parts.read_report(folder / "report.json"))
+    if joining:
+        return join_parts(folder, out, metadata, report)
+    return sum(e["count"] for e in embed_parts.read_manifest(folder)["parts"])
 
 
 def aligned_part_rows(part_rows: int, batch_size: int) -> int:

@@ -114,8 +114,6 @@ def cmd_index(a: argparse.Namespace) -> int:
 
 
 def cmd_index_update(a: argparse.Namespace) -> int:
-    from ..embeddings import read_embedding_metadata
-
     if not a.add and not a.remove:
         raise ValueError("nothing to do: give --add EMB.parquet and/or --remove ID ...")
     check_backend(a, "INDEX", a.index)
@@ -127,15 +125,7 @@ def cmd_index_update(a: argparse.Namespace) -> int:
         index.remove(a.remove)
     report = None
     if a.add:
-        model_id = read_embedding_metadata(a.add).get("model_id")
-        if model_id != index.model_id:
-            raise ValueError(f"{a.add} was embedded by model {model_id}, the index by {index.model_id}: "
-                             "re-embed it with the index's model, or rebuild the index")
-        # Unusable rows are skipped and reported, as when the index was built (--strict: refused).
-        frame, emb, report = read_embedding_rows(a.add, strict=a.strict, report=IndexReport())
-        report.check_accounting()
-        if not len(frame):
-            raise ValueError(f"no usable rows in {a.add}: all {report.rows_in} were reported\n{report.summary()}")
+        frame, emb, report = _rows_to_add(a, index)
         index.add(frame["id"], emb, frame.drop(columns=["id"]))
     # This update's report goes into the folder in the same atomic swap as the index it changed; the
     # build's report (and the last update's, when nothing is added) stays.
@@ -156,23 +146,30 @@ def cmd_index_update(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rows_to_add(a: argparse.Namespace, index):
+    """The usable rows of ``--add`` (an embedding file of the index's model); unusable ones are skipped
+    and reported, as when the index was built (--strict: refused)."""
+    from ..embeddings import read_embedding_metadata
+
+    model_id = read_embedding_metadata(a.add).get("model_id")
+    if model_id != index.model_id:
+        raise ValueError(f"{a.add} was embedded by model {model_id}, the index by {index.model_id}: "
+                         "re-embed it with the index's model, or rebuild the index")
+    frame, emb, report = read_embedding_rows(a.add, strict=a.strict, report=IndexReport())
+    report.check_accounting()
+    if not len(frame):
+        raise ValueError(f"no usable rows in {a.add}: all {report.rows_in} were reported\n{report.summary()}")
+    return frame, emb, report
+
+
 def _cmd_index_update_milvus(a: argparse.Namespace) -> int:
     """Everything is checked first (ids to remove exist, ids to add are free, the file's model is the
     collection's); then removals, then additions."""
-    from ..embeddings import read_embedding_metadata
-
     index = _open_index(a, None)
     before = len(index)
     add, report = None, None
     if a.add:
-        model_id = read_embedding_metadata(a.add).get("model_id")
-        if model_id != index.model_id:
-            raise ValueError(f"{a.add} was embedded by model {model_id}, the index by {index.model_id}: "
-                             "re-embed it with the index's model, or rebuild the index")
-        frame, emb, report = read_embedding_rows(a.add, strict=a.strict, report=IndexReport())
-        report.check_accounting()
-        if not len(frame):
-            raise ValueError(f"no usable rows in {a.add}: all {report.rows_in} were reported\n{report.summary()}")
+        frame, emb, report = _rows_to_add(a, index)
         add = (frame["id"], emb, frame.drop(columns=["id"]))
     ignored = index.update(add=add, remove=a.remove)
     removed = len(set(a.remove or []))
