@@ -39,7 +39,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -47,11 +46,12 @@ import _common as C  # noqa: E402
 from item_embed.config import ObjectiveConfig, TrainConfig  # noqa: E402
 from item_embed.data.arrays import ProductArrays, load_tokenizer  # noqa: E402
 from item_embed.data.catalog import Catalog  # noqa: E402
+from item_embed.model.attention import Dropout  # noqa: E402
 from item_embed.model.encoder import build_model, minilm_model_config  # noqa: E402
 from item_embed.model.objectives import (  # noqa: E402
     IGNORE, ItemObjectives, ITMHead, PatchHead, WordHead, mask_batch, patch_targets, special_token_ids,
 )
-from item_embed.train.engine import batch_indices, lr_at, param_groups, step_seed  # noqa: E402
+from item_embed.train.engine import adamw, batch_indices, lr_at, param_groups, step_seed  # noqa: E402
 from item_embed.train.pretrain import Pretraining  # noqa: E402
 from transformers import BertConfig, BertModel  # noqa: E402
 
@@ -160,6 +160,20 @@ class ViltStyleReference(nn.Module):
 
 # --------------------------------------------------------------------------- steps
 
+WI_BEFORE = "PyTorch dropout + SDPA + default AdamW"
+WI_ATTN0 = "attention dropout 0"
+WI_DROP0 = "dropout 0"
+WHATIFS = (WI_BEFORE, WI_ATTN0, WI_DROP0)
+
+
+def use_torch_defaults(model) -> None:
+    """The step before: ``nn.Dropout`` for the cheap dropout, transformers' SDPA attention."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Dropout):
+                setattr(parent, name, nn.Dropout(child.p))
+    model.bert.config._attn_implementation = "sdpa"
+
 # Both systems' optimiser: the engine's AdamW groups with every parameter at the base lr (the lr does
 # not change a step's cost; the engine's 10x groups for ITEm's from-scratch parts would only split them).
 NEW_LR_SCALE = 1.0
@@ -168,12 +182,11 @@ NEW_LR_SCALE = 1.0
 class Runner:
     """One trainable system (item-embed or the reference) and its optimiser; ``step(i)`` runs step i."""
 
-    def __init__(self, name, data, tokenizer, mc, tcfg, ocfg, reference: bool, sdpa_math: bool = False,
-                 device: str = "cpu") -> None:
+    def __init__(self, name, data, tokenizer, mc, tcfg, ocfg, reference: bool, torch_defaults: bool = False,
+                 attention_dropout: float | None = None, device: str = "cpu") -> None:
         self.name, self.data, self.mc, self.tcfg, self.ocfg, self.reference = name, data, mc, tcfg, ocfg, reference
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.sdpa_math = sdpa_math  # what-if: force SDPA's math backend (QK^T, softmax, AV as plain ops)
         self.specials = special_token_ids(tokenizer)
         self.mask_id = tokenizer.mask_token_id
         if reference:
@@ -185,14 +198,22 @@ class Runner:
         else:
             # What `item-embed train` trains: encoder + objective heads as the engine's Task.
             model = build_model(mc, tcfg.seed)
+            if torch_defaults:
+                use_torch_defaults(model)
+            if attention_dropout is not None:
+                for layer in model.bert.encoder.layer:
+                    layer.attention.self.dropout.p = attention_dropout
             self.task = Pretraining(model, ItemObjectives(model, ocfg), data, tokenizer)
             self.model, self.objectives = self.task.model, self.task.objectives
             trained = self.task
         trained.to(self.device)
         trained.train()
         # param_groups reads only named_parameters() at scale 1, so the reference module takes it too.
-        self.opt = torch.optim.AdamW(param_groups(trained, tcfg.weight_decay, NEW_LR_SCALE), lr=tcfg.lr,
-                                     betas=(0.9, 0.98))
+        groups = param_groups(trained, tcfg.weight_decay, NEW_LR_SCALE)
+        if torch_defaults:  # the step before: AdamW's default implementation
+            self.opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.98))
+        else:  # the engine's (fused) AdamW, for item-embed and the reference alike
+            self.opt = adamw(groups, tcfg.lr, self.device)
         self.params = [p for grp in self.opt.param_groups for p in grp["params"]]
 
     def masked(self, step):
@@ -240,8 +261,7 @@ class Runner:
         batch, mb = self.on_device(*self.masked(step))
         t1 = self.now()
         ctx = self.autocast(precision)
-        backend = sdpa_kernel(SDPBackend.MATH) if self.sdpa_math else nullcontext()
-        with ctx, backend:
+        with ctx:
             losses = self.forward(batch, mb)
         t2 = self.now()
         self.opt.zero_grad(set_to_none=True)
@@ -311,7 +331,7 @@ def timed_steps(runners, prec: str, want: int, counter: list[int], budget: C.Idl
 
 CATEGORIES = (
     ("matmuls (mm/addmm/bmm)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
-    ("dropout RNG (bernoulli_)", ("aten::bernoulli_",)),
+    ("dropout RNG (bernoulli_ / random_)", ("aten::bernoulli_", "aten::random_")),
     ("copies and casts (copy_)", ("aten::copy_",)),
     ("softmax / log-softmax / GELU / LayerNorm", ("aten::_softmax", "aten::_log_softmax", "aten::gelu",
                                                   "aten::native_layer_norm")),
@@ -562,16 +582,17 @@ def main() -> int:
     fr = analytic_flops(mc, *ref.masked(0), reference=True)
     counted = {r.name: counted_matmul_flops(r, 0) for r in (item, ref)}
 
-    # What-ifs on the same item-embed step: dropout 0 (MiniLM's config has 0.1 on hidden states and
-    # attention probabilities: Bernoulli draws on CPU are slow, and attention dropout keeps SDPA on its
-    # math path), and dropout 0 with SDPA forced to the math path (its fused CPU kernel's backward is slow
-    # in bf16).
+    # What-ifs on the same item-embed step: the step before (PyTorch's dropout, SDPA attention, AdamW's
+    # default implementation), attention dropout 0 (common in newer pre-training; hidden dropout stays),
+    # and no dropout at all.
     nodrop_cfg = minilm_model_config(image_size=IMAGE, patch_size=PATCH, max_text_len=MAX_TEXT, image_stem="linear",
                                      dropout=0.0)
     variants = {
-        "dropout 0": Runner("dropout 0", data, tokenizer, nodrop_cfg, tcfg, ocfg, reference=False, device=a.device),
-        "dropout 0 + SDPA math": Runner("dropout 0 + SDPA math", data, tokenizer, nodrop_cfg, tcfg, ocfg,
-                                        reference=False, sdpa_math=True, device=a.device),
+        WI_BEFORE: Runner(WI_BEFORE, data, tokenizer, mc, tcfg, ocfg, reference=False, torch_defaults=True,
+                          device=a.device),
+        WI_ATTN0: Runner(WI_ATTN0, data, tokenizer, mc, tcfg, ocfg, reference=False, attention_dropout=0.0,
+                         device=a.device),
+        WI_DROP0: Runner(WI_DROP0, data, tokenizer, nodrop_cfg, tcfg, ocfg, reference=False, device=a.device),
     }
     whatif: dict[str, dict[str, float]] = {}
     wi_steps = 1 if a.quick else (20 if cuda else 4)
@@ -674,10 +695,10 @@ def main() -> int:
     default_opt = "CUDA: foreach" if cuda else "CPU: per-parameter loop"
     print(f"\nAdamW update alone over {n_params / 1e6:.1f}M params: default ({default_opt}) "
           f"{adamw['default'] * 1e3:.{2 if cuda else 0}f} ms, fused=True {adamw['fused'] * 1e3:.{2 if cuda else 0}f} ms")
-    wi_headers = ["precision", f"as shipped (dropout 0.1) {unit}/step"] + [
-        f"{n} {unit}/step (speed-up)" for n in ("dropout 0", "dropout 0 + SDPA math")]
+    wi_headers = ["precision", f"as shipped {unit}/step"] + [
+        f"{n} {unit}/step (as shipped's speed-up over it)" for n in WHATIFS]
     wi_rows = [[prec, f"{w['item-embed'] * u:.{ud + 1}f}"] + [
-        f"{w[n] * u:.{ud + 1}f} ({w['item-embed'] / w[n]:.2f}x)" for n in ("dropout 0", "dropout 0 + SDPA math")]
+        f"{w[n] * u:.{ud + 1}f} ({w[n] / w['item-embed']:.2f}x)" for n in WHATIFS]
         for prec, w in whatif.items()]
     print("\nwhat-ifs (same step, interleaved):")
     print(C.text_table(wi_headers, wi_rows))
@@ -699,8 +720,8 @@ def main() -> int:
         check += (" (FlopCounterMode, fp32 fwd + bwd on the GPU: mm/addmm/bmm plus its formulas for the fused "
                   "CUDA SDPA attention kernels)")
     else:
-        check += (" (FlopCounterMode counts mm/addmm/bmm; it has no formula for CPU SDPA kernels, but with "
-                  "attention dropout 0.1 in training SDPA runs its math fallback, whose QK^T and AV bmm's it counts)")
+        check += (" (FlopCounterMode counts mm/addmm/bmm: item-embed's CPU attention is written out as two "
+                  "matmuls, and the reference's SDPA runs its math fallback with attention dropout in training)")
     print("cross-check: " + check)
     if cuda:
         print(f"matmul rate {mm_n}^3 on the GPU (max of start/end): "
@@ -757,15 +778,15 @@ share of self CPU time; the profiler adds its own overhead):
 
 Top ops: """ + "; ".join(f"{prec}: " + ", ".join(prof[prec][2]) for prec in precisions) + f""".
 
-What-ifs (same item-embed step, interleaved with the step as shipped, median of a few steps; the
-library is unchanged, the benchmark only sets `dropout=0.0` in the model config and/or wraps the forward
-in `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`):
+What-ifs (same item-embed step, interleaved with the step as shipped, median of a few steps; the benchmark
+swaps parts of the shipped model: "{WI_BEFORE}" puts back `nn.Dropout`, transformers' SDPA attention and
+AdamW's default implementation; the others set the dropout probabilities to 0):
 
 {C.markdown_table(wi_headers, wi_rows)}
 
 AdamW update alone over {n_params / 1e6:.1f}M parameters (incl. the 11.7M-row word embedding, which
 gets a dense gradient from the tied MLM heads): default (on CPU a per-parameter loop)
-{adamw['default'] * 1e3:.0f} ms, `fused=True` {adamw['fused'] * 1e3:.0f} ms.
+{adamw['default'] * 1e3:.0f} ms, `fused=True` (what the engine uses) {adamw['fused'] * 1e3:.0f} ms.
 """
     section = "bench_train" if batch_size == BATCH else f"bench_train_b{batch_size}"
     C.update_results(section, "(a) Training throughput and (b) model FLOP utilisation", body)
@@ -832,8 +853,8 @@ Cross-check: {v["check"]}.
 
 Forward = 1/3 and backward = 2/3 of the step's FLOPs.{prof_part}
 
-What-ifs (same item-embed step, interleaved with the step as shipped, median of {v["wi_steps"]} steps; the library
-is unchanged, the benchmark only sets `dropout=0.0` and/or forces `SDPBackend.MATH`):
+What-ifs (same item-embed step, interleaved with the step as shipped, median of {v["wi_steps"]} steps; the benchmark
+swaps parts of the shipped model as in the CPU section):
 
 {C.markdown_table(v["wi_headers"], v["wi_rows"])}
 

@@ -25,7 +25,8 @@ from transformers import BertModel
 from transformers.models.bert.modeling_bert import BertEncoder
 
 from ..config import ModelConfig
-from .encoder import ItemModel, bert_config
+from .attention import Dropout, use_cheap_dropout
+from .encoder import ItemModel, bert_config, make_bert
 from .losses import contrastive_loss
 from .stems import make_image_stem, stem_patches
 
@@ -79,7 +80,7 @@ class ImageEmbeddings(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, h))
         self.position = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, h))
         self.LayerNorm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         nn.init.trunc_normal_(self.cls, std=0.02)
         nn.init.trunc_normal_(self.position, std=0.02)
 
@@ -100,7 +101,7 @@ class ImageTower(nn.Module):
         name, stem = make_image_stem(cfg)  # the same stems ITEm can have, so the peers stay comparable
         setattr(self, name, stem)
         self.embeddings = ImageEmbeddings(cfg)
-        self.encoder = BertEncoder(bc)
+        self.encoder = use_cheap_dropout(BertEncoder(bc))
         self.apply(lambda m: _init_bert_style(m, bc.initializer_range))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ class DualModel(nn.Module):
         self.cfg = replace(cfg, shape_dims=0)  # ITEm's shape slice is no part of the peer
         self.dual = dual or DualConfig()
         if text_bert is None:
-            text_bert = BertModel(bert_config(cfg), add_pooling_layer=False)
+            text_bert = make_bert(cfg)
         self.text = TextTower(text_bert)
         self.image = ImageTower(cfg)
         d, std = self.dual.embed_dim, bert_config(cfg).initializer_range

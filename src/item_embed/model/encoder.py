@@ -3,7 +3,7 @@
 Text embeds exactly as in BERT (word + position + token type 0, then LayerNorm). Each image
 patch becomes a vector through the image stem (``stems``: ITEm's linear projection of its raw
 pixels, or the recipe's small conv stem) and gets a learned per-patch position and token type 1,
-through the same LayerNorm. The encoder is transformers' ``BertEncoder`` with SDPA attention.
+through the same LayerNorm. The encoder is transformers' ``BertEncoder`` with the attention and dropout of ``attention``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from ..config import ModelConfig
 from ..data.arrays import minilm_path
+from .attention import ATTENTION, use_cheap_dropout
 from .shape import ShapeSlice
 from .stems import make_image_stem, stem_patches
 
@@ -32,8 +33,13 @@ def bert_config(cfg: ModelConfig) -> BertConfig:
         max_position_embeddings=cfg.max_position_embeddings, hidden_dropout_prob=cfg.dropout,
         attention_probs_dropout_prob=cfg.dropout, layer_norm_eps=cfg.layer_norm_eps, type_vocab_size=2,
     )
-    bc._attn_implementation = "sdpa"
+    bc._attn_implementation = ATTENTION
     return bc
+
+
+def make_bert(cfg: ModelConfig) -> BertModel:
+    """A randomly initialised BertModel of ``cfg``'s shape (no pooler), with the CPU-cheap dropout."""
+    return use_cheap_dropout(BertModel(bert_config(cfg), add_pooling_layer=False))
 
 
 def minilm_model_config(**overrides) -> ModelConfig:
@@ -61,7 +67,7 @@ class ItemModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.bert = BertModel(bert_config(cfg), add_pooling_layer=False)
+        self.bert = make_bert(cfg)
         h = cfg.hidden_size
         name, stem = make_image_stem(cfg)
         setattr(self, name, stem)
@@ -169,7 +175,7 @@ def load_minilm_weights(bert: BertModel) -> BertModel:
 
 def minilm_bert() -> BertModel:
     """all-MiniLM-L6-v2 as a plain BertModel (no pooler), in eval mode: the frozen text teacher."""
-    return load_minilm_weights(BertModel(bert_config(minilm_model_config()), add_pooling_layer=False)).eval()
+    return load_minilm_weights(make_bert(minilm_model_config())).eval()
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> ItemModel:
