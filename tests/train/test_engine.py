@@ -228,3 +228,25 @@ def test_two_process_loss_curve_matches_one_process(tiny_catalog, tmp_path):
     assert (double / "model.safetensors").is_file()
     # Rank 0 alone prints the summary.
     assert "trained 12 steps" in done.stdout and done.stdout.count("trained 12 steps") == 1
+
+
+def test_the_engine_s_adamw_is_fused_on_the_cpu_and_steps_as_the_default_one():
+    import torch
+
+    from item_embed.train.engine import adamw
+
+    torch.manual_seed(0)
+    start = [torch.randn(50, 7), torch.randn(7)]
+    runs = []
+    for fused in (True, False):
+        params = [p.clone().requires_grad_() for p in start]
+        groups = [{"params": params[:1], "weight_decay": 0.01}, {"params": params[1:], "weight_decay": 0.0}]
+        opt = adamw(groups, 1e-2, "cpu") if fused else torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.98))
+        assert bool(opt.defaults["fused"]) == fused
+        for step in range(3):
+            opt.zero_grad()
+            sum(((p - step) ** 2).sum() for p in params).backward()
+            opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
