@@ -14,6 +14,10 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -232,3 +236,40 @@ def max_rss_mib_self() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_rate(dtype: "torch.dtype", seconds: float, device: str = "cpu", n: int = 2048) -> float:
+    """FLOP/s of back-to-back n x n @ n x n products (best of several timed blocks).
+
+    CPU: n = 2048. CUDA: pass a large n (8192) to reach the GPU's peak; blocks of 10 products,
+    ``torch.cuda.synchronize()`` before each timer read."""
+    import torch
+
+    if device == "cpu":
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
+        for _ in range(3):
+            torch.mm(a, b, out=out)
+        best, t_end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            reps, t0 = 4, time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b, out=out)
+            best = max(best, reps * 2 * n**3 / (time.perf_counter() - t0))
+        return best
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    for _ in range(5):
+        torch.mm(a, b, out=out)
+    torch.cuda.synchronize(device)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        reps, t0 = 10, time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+        torch.cuda.synchronize(device)
+        best = max(best, reps * 2 * n**3 / (time.perf_counter() - t0))
+    del a, b, out
+    return best

@@ -53,6 +53,15 @@ def load_frame(n: int) -> tuple[pd.DataFrame, str]:
     return frame, f"synthetic catalog, {len(frame)} rows (256 px images)"
 
 
+def counted_flops(fn) -> float:
+    """FLOPs of the matmuls and convolutions ``fn`` runs (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 256 products, 1 round")
@@ -168,17 +177,22 @@ def main() -> int:
                 "sdpa": ItemEncoder(sdpa_model, tokenizer, device="cpu", precision="bf16"),
                 "no_slice": ItemEncoder(variant(shape_dims=0), tokenizer, device="cpu", precision="bf16"),
                 **{s: ItemEncoder(variant(image_stem=s), tokenizer, device="cpu", precision="bf16") for s in other_stems}}
+    def encode_all(enc: ItemEncoder, by_length: bool = True) -> None:
+        if by_length:  # as embed_catalog does: chunks of 4 batches, titles grouped by length
+            for i in range(0, len(products), BATCH * 4):
+                enc.encode_batched(products[i : i + BATCH * 4], BATCH)
+        else:
+            for i in range(0, len(products), BATCH):
+                enc.encode_products(products[i : i + BATCH])
+
     model_s = {}
     for p, enc in variants.items():
-        def model_only(enc=enc, by_length=p != "unsorted") -> None:
-            if by_length:  # as embed_catalog does: chunks of 4 batches, titles grouped by length
-                for i in range(0, len(products), BATCH * 4):
-                    enc.encode_batched(products[i : i + BATCH * 4], BATCH)
-            else:
-                for i in range(0, len(products), BATCH):
-                    enc.encode_products(products[i : i + BATCH])
-
-        model_s[p], _, _ = C.measure_clean(model_only, budget=budget)
+        model_s[p], _, _ = C.measure_clean(lambda enc=enc, p=p: encode_all(enc, p != "unsorted"), budget=budget)
+    # The ceiling of this machine: each system's counted matmul and convolution FLOPs at the measured
+    # matmul rate of its precision (bf16 for item-embed, fp32 for sentence-transformers).
+    flops = {"bf16": counted_flops(lambda: encode_all(encoders["bf16"])),
+             "st": counted_flops(lambda: st.encode(titles, batch_size=BATCH, show_progress_bar=False))}
+    peak = {"bf16": C.matmul_rate(torch.bfloat16, 3.0), "st": C.matmul_rate(torch.float32, 3.0)}
     load_end = C.loadavg()
     # bf16 changes the numbers a little: how far are its embeddings from fp32's (same products, same order)?
     e32, e16 = (read_embeddings(tmp / f"{p}.parquet")[1] for p in ("fp32", "bf16"))
@@ -227,6 +241,17 @@ def main() -> int:
     cos_line = (f"bf16 vs fp32 embeddings of the same {len(frame)} products: cosine mean {cos.mean():.4f}, "
                 f"min {cos.min():.4f}; nearest other product identical for {agree:.1%} of products")
     print(cos_line)
+    floor = {k: flops[k] / peak[k] for k in flops}  # seconds if every FLOP ran at the matmul rate
+    ceiling = med["st"] / (floor["bf16"] + decode_s)
+    roof_line = (f"ceiling on this machine: item-embed {flops['bf16'] / len(frame) / 1e6:.0f} MFLOP per product "
+                 f"(matmuls and convolutions, counted) at the bf16 matmul rate of {peak['bf16'] / 1e9:.0f} GFLOP/s "
+                 f"takes {floor['bf16']:.2f} s, + {decode_s:.2f} s decoding on the same cores: products/s ratio at "
+                 f"most **{ceiling:.2f}** against sentence-transformers as measured "
+                 f"({flops['st'] / len(frame) / 1e6:.0f} MFLOP per title at the fp32 rate of {peak['st'] / 1e9:.0f} "
+                 f"GFLOP/s is {floor['st']:.2f} s of its {med['st']:.2f} s). item-embed's model path runs its FLOPs "
+                 f"at {floor['bf16'] / model_s['bf16']:.0%} of that rate, sentence-transformers at "
+                 f"{floor['st'] / med['st']:.0%}")
+    print(roof_line.replace("**", ""))
     ratio = {p: rate[p] / rate["st"] for p in ("fp32", "bf16")}
     token_ratio = {p: ratio[p] * item_positions / st_tokens for p in ratio}
     verdict = {"products": ratio["bf16"] >= TARGET, "tokens": token_ratio["bf16"] >= TARGET_TOKENS}
@@ -264,6 +289,8 @@ Where item-embed's time goes (same products, measured separately after the round
 {C.markdown_table(bd_headers, bd_rows)}
 
 {seq_note}. {cos_line} (random image side, so this checks numerics, not quality).
+
+{roof_line}.
 """
     C.update_results("bench_encode", "(c) Encoding throughput", body)
     print(f"\nwrote {C.RESULTS}")

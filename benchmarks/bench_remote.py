@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import io
 import shutil
 import subprocess
 import sys

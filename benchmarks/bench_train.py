@@ -388,41 +388,6 @@ def profile_forward(runner: Runner, step: int, prec: str) -> tuple[dict[str, flo
 
 # --------------------------------------------------------------------------- FLOPs
 
-def matmul_rate(dtype: torch.dtype, seconds: float, device: str = "cpu", n: int = 2048) -> float:
-    """FLOP/s of back-to-back n x n @ n x n products (best of several timed blocks).
-
-    CPU: n = 2048. CUDA: pass a large n (8192) to reach the GPU's peak; blocks of 10 products,
-    ``torch.cuda.synchronize()`` before each timer read."""
-    if device == "cpu":
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        out = torch.empty(n, n, dtype=dtype)
-        for _ in range(3):
-            torch.mm(a, b, out=out)
-        best, t_end = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < t_end:
-            reps, t0 = 4, time.perf_counter()
-            for _ in range(reps):
-                torch.mm(a, b, out=out)
-            best = max(best, reps * 2 * n**3 / (time.perf_counter() - t0))
-        return best
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    out = torch.empty(n, n, dtype=dtype, device=device)
-    for _ in range(5):
-        torch.mm(a, b, out=out)
-    torch.cuda.synchronize(device)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        reps, t0 = 10, time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b, out=out)
-        torch.cuda.synchronize(device)
-        best = max(best, reps * 2 * n**3 / (time.perf_counter() - t0))
-    del a, b, out
-    return best
-
-
 def analytic_flops(mc, batch, mb, reference: bool) -> dict[str, float]:
     """Training FLOPs (fwd + bwd) of one step, by the formula printed in the report.
 
@@ -539,7 +504,7 @@ def main() -> int:
     load1, quiet = C.wait_for_quiet(1.5, wait)
     budget = C.IdleBudget(a.idle_budget if a.idle_budget is not None else (30 if a.quick else 900))
     load_start = C.loadavg()
-    rates = {p: [matmul_rate(dtypes[p], mm_seconds, a.device, mm_n)] for p in mm_precs}
+    rates = {p: [C.matmul_rate(dtypes[p], mm_seconds, a.device, mm_n)] for p in mm_precs}
     print(f"matmul {mm_n}^3{' on ' + a.device if cuda else ''}: "
           + ", ".join(f"{p} {rates[p][0] / 1e9:.0f} GFLOP/s" for p in mm_precs), flush=True)
 
@@ -569,7 +534,7 @@ def main() -> int:
                 f"{n} median {statistics.median(times[(n, prec)]) * 1e3:.1f} ms/step" for n in clean), flush=True)
     step_no = counter[0]
     for p in mm_precs:
-        rates[p].append(matmul_rate(dtypes[p], mm_seconds, a.device, mm_n))
+        rates[p].append(C.matmul_rate(dtypes[p], mm_seconds, a.device, mm_n))
     load_end = C.loadavg()
     peak = {k: max(v) for k, v in rates.items()}
 
