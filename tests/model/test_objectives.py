@@ -198,11 +198,10 @@ def test_the_title_view_is_encoded_exactly_as_a_title_query_is(tiny):
 
     model, _ = tiny
     batch, mb, _ = _aligned_batch(model)
-    rows = torch.zeros(len(batch), dtype=torch.bool)
-    rows[:3] = True
+    rows = torch.arange(3)
+    t = int(batch.text_mask[:3].sum(1).max())
     with torch.no_grad():
-        title = title_view(model, mb, rows)
-        t = int(batch.text_mask[:3].sum(1).max())
+        title = title_view(model, mb, rows, t)
         text_only = model.pool(model(batch.input_ids[:3, :t], batch.text_mask[:3, :t]))
         assert torch.allclose(title, text_only, atol=1e-6)
 

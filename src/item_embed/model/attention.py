@@ -80,5 +80,11 @@ def use_cheap_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def attention_mask(*args, **kwargs) -> torch.Tensor | None:
+    """transformers' SDPA mask, always made: its skip when nothing is padded asks the device whether
+    ``padding_mask.all()``, which stalls a GPU step's host until the device catches up."""
+    return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": False})
+
+
 AttentionInterface.register(ATTENTION, attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(ATTENTION, attention_mask)

@@ -45,16 +45,61 @@ class MaskedBatch:
     teacher: torch.Tensor | None = None  # (B, D) float32, L2-normalised (zero without text)
     teacher_title: torch.Tensor | None = None  # (B, D) the same of the title alone
 
+    # Which rows and positions each loss reads (``Selection``), made on the host by ``to``.
+    chosen: "Selection | None" = None
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def _tensors(self) -> dict[str, torch.Tensor | None]:
+        return {k: v for k, v in vars(self).items() if k != "chosen"}
+
     def select(self, rows: slice) -> "MaskedBatch":
         """The rows ``rows`` of every field (a rank's or a micro-batch's share)."""
-        return MaskedBatch(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
+        return MaskedBatch(**{k: None if v is None else v[rows] for k, v in self._tensors().items()})
 
     def to(self, device: torch.device) -> "MaskedBatch":
+        """This batch on ``device``, with its :class:`Selection` made here first from the host's tensors."""
+        chosen = self.chosen if self.chosen is not None else Selection.of(self)
         return MaskedBatch(**{k: None if v is None else v.to(device, non_blocking=True)
-                              for k, v in vars(self).items()})
+                              for k, v in self._tensors().items()}, chosen=chosen.to(device))
+
+
+@dataclass
+class Selection:
+    """The rows and positions each loss reads, as index tensors made from a batch's masks while they are
+    still on the host. The losses gather with these, never with a boolean mask or ``bool(tensor)``, both
+    of which make the host wait for the device to count the rows (a GPU step would stall on each)."""
+
+    itm_rows: torch.Tensor  # (K,) rows with an ITM label
+    text_rows: torch.Tensor  # (K_t,) MLM: the row and position of each chosen token of a matched row
+    text_positions: torch.Tensor
+    patch_rows: torch.Tensor  # (K_p,) MIM: the row and patch of each masked patch of a matched row
+    patch_ids: torch.Tensor
+    joint_rows: torch.Tensor  # view alignment: matched rows with text (and a teacher embedding)
+    title_rows: torch.Tensor  # rows with text, whose title view is encoded
+    title_len: int  # the longest title among ``title_rows``
+
+    @classmethod
+    def of(cls, mb: MaskedBatch) -> "Selection":
+        none = torch.zeros(0, dtype=torch.long, device=mb.input_ids.device)
+        itm_rows = torch.nonzero(mb.itm_labels != IGNORE).squeeze(1)
+        text_rows, text_positions = torch.nonzero((mb.mlm_labels != IGNORE) & mb.matched.unsqueeze(1), as_tuple=True)
+        patch_rows, patch_ids = none, none
+        if mb.mim_mask is not None:
+            patch_rows, patch_ids = torch.nonzero(mb.mim_mask & mb.matched.unsqueeze(1), as_tuple=True)
+        joint_rows, title_rows, title_len = none, none, 0
+        if mb.teacher is not None:
+            texted = mb.has_text & (mb.teacher.abs().sum(1) > 0)
+            joint_rows = torch.nonzero(mb.matched & texted).squeeze(1)
+            title_rows = torch.nonzero(texted).squeeze(1)
+            if len(title_rows):
+                title_len = int(mb.title_mask[title_rows].sum(1).max())
+        return cls(itm_rows, text_rows, text_positions, patch_rows, patch_ids, joint_rows, title_rows, title_len)
+
+    def to(self, device: torch.device) -> "Selection":
+        return Selection(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                            for k, v in vars(self).items()})
 
 
 def _choose_donors(n: int, negatives: torch.Tensor, with_image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -209,17 +254,18 @@ class ItemObjectives(nn.Module):
         return self.heads["global_mim"](torch.cat([cls, pos], dim=-1))
 
     def forward(self, model: ItemModel, out: EncoderOutput, mb: MaskedBatch) -> dict[str, torch.Tensor]:
-        """Each enabled objective's loss (fp32 scalars), ``loss`` their weighted sum, and ``itm_acc``."""
+        """Each enabled objective's loss (fp32 scalars), ``loss`` their weighted sum, and ``itm_acc``.
+        Which objectives a batch has is known from ``mb.chosen`` on the host, before the device computes."""
+        sel = mb.chosen if mb.chosen is not None else Selection.of(mb)
         losses: dict[str, torch.Tensor] = {}
-        if "itm" in self.heads and bool((mb.itm_labels != IGNORE).any()):
-            rows = mb.itm_labels != IGNORE
+        if "itm" in self.heads and len(sel.itm_rows):
+            rows = sel.itm_rows
             logits = self.heads["itm"](out.hidden[rows, 0]).float()
             losses["itm"] = F.cross_entropy(logits, mb.itm_labels[rows])
             losses["itm_acc"] = (logits.argmax(-1) == mb.itm_labels[rows]).float().mean().detach()
 
-        text_sel = (mb.mlm_labels != IGNORE) & mb.matched.unsqueeze(1)
-        if bool(text_sel.any()):
-            rows, positions = torch.nonzero(text_sel, as_tuple=True)
+        if len(sel.text_rows):
+            rows, positions = sel.text_rows, sel.text_positions
             labels = mb.mlm_labels[rows, positions]
             if "mlm" in self.heads:
                 logits = self.heads["mlm"](out.hidden[rows, positions], model.word_embeddings.weight)
@@ -228,27 +274,26 @@ class ItemObjectives(nn.Module):
                 logits = self.global_word_logits(model, out, rows, positions)
                 losses["global_mlm"] = F.cross_entropy(logits.float(), labels, reduction="none").mean()
 
-        if mb.mim_mask is not None:
-            patch_sel = mb.mim_mask & mb.matched.unsqueeze(1)
-            if bool(patch_sel.any()):
-                targets = patch_targets(mb.images, model.cfg.patch_size)
-                rows, patches = torch.nonzero(patch_sel, as_tuple=True)
-                if "mim" in self.heads:
-                    pred = self.heads["mim"](out.hidden[rows, out.text_len + patches])
-                    losses["mim"] = F.mse_loss(pred.float(), targets[rows, patches])
-                if "global_mim" in self.heads:
-                    pred = self.global_patch_pred(model, out, rows, patches)
-                    per_patch = F.mse_loss(pred.float(), targets[rows, patches], reduction="none").mean(-1)
-                    losses["global_mim"] = per_patch.mean()
+        if mb.mim_mask is not None and len(sel.patch_rows):
+            targets = patch_targets(mb.images, model.cfg.patch_size)
+            rows, patches = sel.patch_rows, sel.patch_ids
+            if "mim" in self.heads:
+                pred = self.heads["mim"](out.hidden[rows, out.text_len + patches])
+                losses["mim"] = F.mse_loss(pred.float(), targets[rows, patches])
+            if "global_mim" in self.heads:
+                pred = self.global_patch_pred(model, out, rows, patches)
+                per_patch = F.mse_loss(pred.float(), targets[rows, patches], reduction="none").mean(-1)
+                losses["global_mim"] = per_patch.mean()
 
         if "align" in self.heads and mb.teacher is not None:
-            losses.update(self.align_views(model, out, mb))
+            losses.update(self.align_views(model, out, mb, sel))
 
         weights = self.cfg.weights()
         losses["loss"] = sum((weights[k] * v for k, v in losses.items() if k in weights), torch.zeros(()))
         return losses
 
-    def align_views(self, model: ItemModel, out: EncoderOutput, mb: MaskedBatch) -> dict[str, torch.Tensor]:
+    def align_views(self, model: ItemModel, out: EncoderOutput, mb: MaskedBatch,
+                    sel: "Selection") -> dict[str, torch.Tensor]:
         """View alignment: InfoNCE between each view's [CLS] and a teacher embedding, over the batch's
         rows that have the view (listings with the same text are positives of one another). Views: the
         product whole (the shared masked pass, its matched rows: masking is the augmentation) towards the
@@ -259,12 +304,11 @@ class ItemObjectives(nn.Module):
         head = self.heads["align"]
         scale = head.scale()
         terms: dict[str, torch.Tensor] = {}
-        texted = mb.has_text & (mb.teacher.abs().sum(1) > 0)
         title_teacher = mb.teacher if mb.teacher_title is None else mb.teacher_title
-        views = {"joint": (mb.matched & texted, lambda rows: model.pool(out)[rows], mb.teacher),
-                 "title": (texted, lambda rows: title_view(model, mb, rows), title_teacher)}
+        views = {"joint": (sel.joint_rows, lambda rows: model.pool(out)[rows], mb.teacher),
+                 "title": (sel.title_rows, lambda rows: title_view(model, mb, rows, sel.title_len), title_teacher)}
         for name, (rows, embed, targets) in views.items():
-            if int(rows.sum()) < 2:
+            if len(rows) < 2:
                 continue
             teacher = targets[rows]
             same = (teacher @ teacher.T) >= SAME_TEXT
@@ -295,11 +339,11 @@ class AlignHead(nn.Module):
         return cls if self.proj is None else F.normalize(self.proj(cls), dim=-1)
 
 
-def title_view(model: ItemModel, mb: MaskedBatch, rows: torch.Tensor) -> torch.Tensor:
-    """(R, H) [CLS] of ``rows`` encoded as title-only products (their clean title, no image)."""
-    ids, mask = mb.title_ids[rows], mb.title_mask[rows]
-    keep = int(mask.sum(1).max())
-    return model.pool(model(ids[:, :keep], mask[:, :keep], None, None, None))
+def title_view(model: ItemModel, mb: MaskedBatch, rows: torch.Tensor, length: int) -> torch.Tensor:
+    """(R, H) [CLS] of ``rows`` encoded as title-only products (their clean title, no image), their
+    tokens cut to ``length``, the longest of them."""
+    ids, mask = mb.title_ids[rows, :length], mb.title_mask[rows, :length]
+    return model.pool(model(ids, mask, None, None, None))
 
 
 def special_token_ids(tokenizer) -> list[int]:

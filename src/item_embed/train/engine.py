@@ -277,24 +277,25 @@ class Engine:
                    desc="train", dynamic_ncols=True)
         elapsed0, t0, samples = self.elapsed, time.perf_counter(), 0
         last: dict[str, float] = {}
+        # A step's values are read back once the next step is queued, so the host never waits for the
+        # device in between (StepValues); at a checkpoint they are read at once.
+        pending: tuple | None = None
         try:
             while not self.budget.done(self.step, self.elapsed):
                 lr = self.budget.lr(self.step, self.elapsed, self.cfg)
-                last, grad_norm, n = self._train_step(lr, params)
+                values, n = self._train_step(lr, params)
                 self.step += 1
                 samples += n
                 self.elapsed = elapsed0 + time.perf_counter() - t0
                 end = self.budget.done(self.step, self.elapsed)
                 save = self.step % self.cfg.save_every == 0 or end
-                if metrics is not None and (self.step % self.cfg.log_every == 0 or save):
-                    extra = self._diagnostics() if save else {}
-                    record = {"step": self.step, "lr": lr, "grad_norm": grad_norm,
-                              "elapsed": round(self.elapsed, 4), **last, **extra}
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
                 bar.update(1)
+                if pending is not None:
+                    last = self._report(*pending, metrics, bar)
+                pending = (self.step, lr, self.elapsed, values, save)
                 if save:
+                    last = self._report(*pending, metrics, bar)
+                    pending = None
                     self._checkpoint()
         finally:
             bar.close()
@@ -304,38 +305,61 @@ class Engine:
         self.task.eval()
         return TrainResult(self.run_dir, self.step, last, seconds, samples / max(seconds, 1e-9))
 
-    def _train_step(self, lr: float, params: list[torch.Tensor]) -> tuple[dict[str, float], float, int]:
-        """One optimiser step over the global batch: (averaged logged values, gradient norm, rows)."""
+    def _report(self, step: int, lr: float, elapsed: float, values: "StepValues", save: bool, metrics, bar
+                ) -> dict[str, float]:
+        """Write step ``step``'s line to ``metrics.jsonl`` (every ``log_every`` steps and at checkpoints, with
+        the diagnostics there) and show its losses on the bar; returns its averaged values."""
+        last, grad_norm = values.read()
+        if "loss" in last:
+            last["loss"] = self.task.logged_loss(last)
+        if metrics is not None and (step % self.cfg.log_every == 0 or save):
+            extra = self._diagnostics() if save else {}
+            record = {"step": step, "lr": lr, "grad_norm": grad_norm, "elapsed": round(elapsed, 4), **last, **extra}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
+        return last
+
+    def _train_step(self, lr: float, params: list[torch.Tensor]) -> tuple["StepValues", int]:
+        """One optimiser step over the global batch: (its logged values, still on the device; its rows).
+        The host draws the batch and its masks and moves each micro-batch to the device first."""
         cfg, ranks, task = self.cfg, self.ranks, self.task
-        for group in self.opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
         g = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, 3))
         batch = task.batch(batch_indices(len(task), cfg.batch_size, cfg.seed, self.step), g)
         mine = batch.select(shard(len(batch), ranks.world, ranks.rank))
+        pieces = [mine.select(shard(len(mine), cfg.grad_accum, j)).to(self.device) for j in range(cfg.grad_accum)]
+        return self._device_step(pieces, lr, params), len(batch)
+
+    def _device_step(self, pieces: list[Piece], lr: float, params: list[torch.Tensor]) -> "StepValues":
+        """Forward, backward and AdamW over the micro-batches ``pieces``, already on the device. Nothing in
+        here reads a value back from the device (tests/train/test_sync_free.py): which losses a micro-batch
+        has is known on the host, and the logged values are summed where they are."""
+        cfg, ranks, task = self.cfg, self.ranks, self.task
+        for group in self.opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(len(task.log_keys), dtype=torch.float64)
-        counts = torch.zeros(len(task.log_keys), dtype=torch.float64)
-        for j in range(cfg.grad_accum):
-            piece = mine.select(shard(len(mine), cfg.grad_accum, j)).to(self.device)
+        sums: dict[str, torch.Tensor] = {}
+        counts = [0.0] * len(task.log_keys)
+        for j, piece in enumerate(pieces):
             micro = ranks.rank * cfg.grad_accum + j
             torch.manual_seed(step_seed(cfg.seed, self.step, 2) + 104_729 * micro)  # dropout
-            sync = j == cfg.grad_accum - 1 or ranks.world == 1
+            sync = j == len(pieces) - 1 or ranks.world == 1
             with (nullcontext() if sync else self.module.no_sync()), autocast(cfg.precision, self.device):
                 out = self.module(piece)
             (out["loss"] / cfg.grad_accum).backward()
             for i, key in enumerate(task.log_keys):
                 if key in out:
-                    sums[i] += float(out[key].detach())
+                    value = out[key].detach().double()
+                    sums[key] = sums[key] + value if key in sums else value
                     counts[i] += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         self.opt.step()
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        totals = torch.cat([torch.stack([sums.get(k, zero) for k in task.log_keys]),
+                            torch.tensor(counts, dtype=torch.float64).to(self.device, non_blocking=True)])
         if ranks.world > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(counts)
-        last = {k: float(sums[i] / counts[i]) for i, k in enumerate(task.log_keys) if counts[i] > 0}
-        if "loss" in last:
-            last["loss"] = task.logged_loss(last)
-        return last, float(grad_norm), len(batch)
+            dist.all_reduce(totals)
+        return StepValues(torch.cat([totals, grad_norm.detach().double().reshape(1)]), task.log_keys)
 
     def _diagnostics(self) -> dict[str, float]:
         """The task's diagnostics, measured in eval mode without gradients; training mode is restored."""
@@ -358,6 +382,29 @@ class Engine:
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         if self.ranks.world > 1:
             dist.barrier()
+
+
+class StepValues:
+    """A step's logged sums, their counts (micro-batches and ranks that had each key) and the gradient
+    norm, (2K + 1,) float64, on their way to the host: from a GPU, copied into pinned memory behind the
+    step's work and read after the next step is queued, so reading does not stall the device's queue."""
+
+    def __init__(self, values: torch.Tensor, keys: tuple[str, ...]) -> None:
+        self.keys, self._ready = keys, None
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = values
+
+    def read(self) -> tuple[dict[str, float], float]:
+        """(each key's mean over what had it, the gradient norm)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        v, k = self._host.tolist(), len(self.keys)
+        return {key: v[i] / v[k + i] for i, key in enumerate(self.keys) if v[k + i] > 0}, v[2 * k]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
