@@ -217,6 +217,23 @@ def _fmt_load(load: tuple[float, float, float]) -> str:
     return "/".join(f"{x:.2f}" for x in load)
 
 
+def add_embed_options(ap) -> None:
+    """The options of the benchmarks that embed a catalog with a trained model (bench_ray_embed, bench_remote)."""
+    ap.add_argument("--products", type=int, default=2000)
+    ap.add_argument("--model", help="a trained run folder (default: train --preset minilm for 20 steps)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="400 products, tiny model, one repeat")
+
+
+def leave_results(args) -> bool:
+    """Whether this run leaves RESULTS.md alone (``--quick`` or ``--no-results``), saying so."""
+    if args.no_results or getattr(args, "quick", False):
+        print("RESULTS.md left alone (--quick or --no-results)")
+        return True
+    return False
+
+
 def update_results(name: str, title: str, body: str) -> Path:
     """Replace (or append) the section ``name`` of RESULTS.md, keeping the other sections."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"

@@ -169,15 +169,13 @@ def main() -> int:
     print(line)
     print(frame_line)
     wall = time.perf_counter() - wall0
-    if a.no_results or a.quick:
-        print("RESULTS.md left alone (--quick or --no-results)")
+    if C.leave_results(a):
         return 0
-    quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     body = f"""{C.run_context(load_start, load_end, quiet, wall)}
 - Catalogs: Parquet, images inline (synthetic listings, 256 px, ~{img_kb:.1f} KiB each), rows repeated under
   new ids. Model: tiny preset trained 1 step. Each size runs `python -m item_embed embed CATALOG --model RUN
   --out OUT --no-progress` (defaults: precision auto, {precision} here; batch 64) as a child process; peak RSS from `os.wait4` in a tiny
-  launcher process (a child forked straight from the benchmark would inherit its high-water mark).{quick_note}
+  launcher process (a child forked straight from the benchmark would inherit its high-water mark).
 
 {C.markdown_table(headers, rows)}
 

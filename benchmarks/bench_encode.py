@@ -266,10 +266,8 @@ def main() -> int:
         print(line.replace("**", ""))
 
     wall = time.perf_counter() - wall0
-    if a.no_results or a.quick:
-        print("RESULTS.md left alone (--quick or --no-results)")
+    if C.leave_results(a):
         return 0
-    quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     body = f"""{C.run_context(load_start, load_end, quiet, wall)}
 - Data: {source}. Batch {BATCH}. item-embed: `ItemModel.from_minilm(model_config_for("minilm", image_size=96,
   patch_size=16, image_stem="{RECIPE_IMAGE_STEM}"))` (the default recipe: conv stem, {cfg.shape_dims}-dim shape slice
@@ -278,7 +276,7 @@ def main() -> int:
   `SentenceTransformer(minilm_path()).encode(titles, batch_size=64)`. {rounds} interleaved round(s),
   median reported; model loading and a warm-up batch excluded; a run during which other processes used
   more than {C.CLEAN_CORES} cores is dropped and re-run once the machine is idle ("dropped"; {budget.waited:.0f} s
-  spent waiting for other jobs).{quick_note}
+  spent waiting for other jobs).
 
 {C.markdown_table(headers, rows)}
 

@@ -48,11 +48,7 @@ def steady_rate(stats: dict, n: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--products", type=int, default=2000)
-    ap.add_argument("--model", help="a trained run folder (default: train --preset minilm for 20 steps)")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="400 products, tiny model, one repeat")
+    C.add_embed_options(ap)
     ap.add_argument("--no-results", action="store_true", help="print only; do not update RESULTS.md")
     a = ap.parse_args()
     if a.quick:

@@ -203,10 +203,8 @@ def main() -> int:
         lines.append(line)
         print(line.replace("**", ""))
     wall = time.perf_counter() - wall0
-    if a.no_results or a.quick:
-        print("RESULTS.md left alone (--quick or --no-results)")
+    if C.leave_results(a):
         return 0
-    quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     blas_note = (f"\n\nWhy FAISS is slow in batches of {QUERY_BATCH}: FAISS {faiss.__version__} uses BLAS for "
                  "exact inner products only when n_queries x d >= `faiss.cvar.distance_compute_blas_threshold` "
                  f"(default {FAISS_DEFAULT_BLAS_THRESHOLD}: at d = {DIM}, batches of >= "
@@ -222,7 +220,7 @@ def main() -> int:
     body = f"""{C.run_context(load_start, load_end, quiet, wall)}
 - Data: random Gaussian vectors, L2-normalised, d = {DIM}, float32; {nq} random unit queries, answered in
   batches of {QUERY_BATCH} by every system (one warm-up batch each, excluded). Exact top-{K}. FAISS
-  {faiss.__version__}, NumPy {np.__version__}. "speed vs FAISS flat" > 1 means faster than FAISS.{quick_note}
+  {faiss.__version__}, NumPy {np.__version__}. "speed vs FAISS flat" > 1 means faster than FAISS.
 
 {C.markdown_table(headers, rows)}
 

@@ -695,8 +695,7 @@ def main() -> int:
         print(f"matmul rate (max of start/end): fp32 {peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
 
     wall = time.perf_counter() - wall0
-    if a.no_results or a.quick:
-        print("RESULTS.md left alone (--quick or --no-results)")
+    if C.leave_results(a):
         return 0
     if cuda:
         body = gpu_body(a, locals())
@@ -710,7 +709,6 @@ def main() -> int:
         f"{C.verdict(ratio >= TARGET_RATIO)}. item-embed MFU **{mfu:.0%}** (target >= {TARGET_MFU:.0%}): "
         f"{C.verdict(mfu >= TARGET_MFU)}."
         for prec, (ratio, mfu) in summary.items())
-    quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     body = f"""{ctx}
 - Setup: preset minilm (6 layers, H 384, 12 heads), image {IMAGE} / patch {PATCH} = {mc.num_patches} patches ({STEM_NOTE}),
   max text {MAX_TEXT} tokens, batch {batch_size}, all five objectives, AdamW + grad clip; data {source}.
@@ -719,7 +717,7 @@ def main() -> int:
   (from /proc/stat, this process excluded) is dropped and re-run after the machine is idle again
   ("dropped" column; {budget.waited:.0f} s spent waiting for other jobs in this run). Reference = transformers `BertModel(inputs_embeds=...)`, one pass per
   objective (ITM, MLM, MIM, global MLM, global MIM), same head sizes (the library's head classes),
-  masked losses on all rows (ViLT has no swapped rows in its masked passes).{quick_note}
+  masked losses on all rows (ViLT has no swapped rows in its masked passes).
 
 {C.markdown_table(headers, md_rows)}
 
@@ -791,7 +789,6 @@ op that launched it; the profiler adds its own overhead):
 {C.markdown_table(v["prof_headers"], v["prof_rows"])}
 
 Top ops: """ + "; ".join(f"{prec}: " + ", ".join(prof[prec][2]) for prec in precisions) + "."
-    quick_note = "\n\n*`--quick` run: smoke numbers, not for quoting.*" if a.quick else ""
     return f"""{ctx}
 - Setup: preset minilm (6 layers, H 384, 12 heads), image {IMAGE} / patch {PATCH} = {mc.num_patches} patches ({STEM_NOTE}),
   max text {MAX_TEXT} tokens, batch {batch_size} ({like}), all five objectives, AdamW + grad clip;
@@ -800,7 +797,7 @@ Top ops: """ + "; ".join(f"{prec}: " + ", ".join(prof[prec][2]) for prec in prec
   {", ".join(precisions)} autocast on CUDA. {v["warmup"]} warm-up + {v["steps"]} timed steps per system and precision,
   interleaved step by step, `torch.cuda.synchronize()` before every timer read. samples/s = batch / median
   step time. Reference as in the CPU section (transformers `BertModel(inputs_embeds=...)`, one pass per
-  objective).{quick_note}
+  objective).
 
 {C.markdown_table(v["headers"], v["md_rows"])}
 

@@ -10,54 +10,9 @@ import pytest
 from safetensors.torch import load_file
 
 from item_embed.checkpoint import CheckpointError
-from item_embed.config import TrainConfig, model_config_for
-from item_embed.data.arrays import ProductArrays, load_tokenizer
 from item_embed.data.catalog import Product
 from item_embed.evaluate.dual import DualEncoder
 from item_embed.model.dual import DualModel
-from item_embed.train.dual import train_dual
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
-           "black": (15, 15, 15), "orange": (250, 140, 0), "purple": (140, 40, 180), "pink": (250, 150, 200)}
-
-
-def squares(per_colour: int = 4, size: int = 32, seed: int = 0) -> list[Product]:
-    """Coloured squares on white, jittered in place and size, titled by their colour."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(per_colour * len(COLOURS)):
-        name = list(COLOURS)[i % len(COLOURS)]
-        img = np.full((size, size, 3), 255, np.uint8)
-        a, b = int(rng.integers(0, 8)), int(rng.integers(20, 30))
-        img[a:b, a:b] = COLOURS[name]
-        out.append(Product(i, f"sq{i}", f"{name} square", img))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg():
-    return model_config_for("tiny")
-
-
-@pytest.fixture(scope="module")
-def square_data(tokenizer, tiny_cfg):
-    products = squares()
-    return products, ProductArrays.build(products, tokenizer, tiny_cfg.max_text_len, tiny_cfg.image_size)
-
-
-@pytest.fixture(scope="module")
-def dual_run(square_data, tokenizer, tiny_cfg, tmp_path_factory):
-    """The tiny dual encoder trained for 20 steps on the coloured squares."""
-    _, data = square_data
-    run = tmp_path_factory.mktemp("dual")
-    cfg = TrainConfig(steps=20, batch_size=8, lr=2e-3, precision="fp32", save_every=10)  # lr scale: dual's default
-    result = train_dual(data, tokenizer, run, tiny_cfg, cfg, progress=False, log=lambda _m: None)
-    return run, result
 
 
 def test_embedding_modes(dual_run, square_data):

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import select
 import socket
 import struct
-import threading
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -337,29 +334,7 @@ def test_file_over_the_cap_inside_the_body_allowance_is_413(small_upload_client)
     assert r.status_code == 413 and "20,000-byte" in r.json()["detail"]
 
 
-@contextlib.contextmanager
-def live_server(app):
-    """The app under a real uvicorn on 127.0.0.1 and a free port, in a background thread."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def test_a_real_server_stops_reading_a_streamed_oversize_body(world):
+def test_a_real_server_stops_reading_a_streamed_oversize_body(world, live_server):
     """Over a socket to uvicorn: a chunked body is cut off near the limit, not read to its end."""
     app = create_app(world.encoder, world.index, max_upload_bytes=100_000)
     total, block = 256 * 2**20, b"\0" * 2**16

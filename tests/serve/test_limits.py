@@ -6,7 +6,6 @@ The memory load test (``-m slow``) runs the real ``item-embed serve`` in a subpr
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import io
 import json
@@ -289,28 +288,6 @@ def test_a_manifest_kind_that_does_not_match_the_faiss_file_is_a_clear_error(wor
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def live_server(app, **config):
-    """``app`` under a real uvicorn on 127.0.0.1 and a free port, in a thread."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **config))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 def _until_closed(s: socket.socket, drip: bytes | None = None, every: float = 0.25, limit: float = 8.0):
     """Read until the server closes (optionally sending ``drip`` every ``every`` s, as slowloris
     does); returns (what came back, seconds it took) or fails after ``limit`` s."""
@@ -335,7 +312,7 @@ def _until_closed(s: socket.socket, drip: bytes | None = None, every: float = 0.
 
 
 @pytest.fixture(scope="module")
-def deadline_server(world):
+def deadline_server(world, live_server):
     """The app behind uvicorn with a 1 s read deadline; the service's search waits 1.5 s when asked."""
     app = create_app(world.encoder, world.index)
     svc = app.state.service

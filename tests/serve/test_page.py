@@ -7,13 +7,9 @@ otherwise it goes to the test's tmp folder.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -37,31 +33,8 @@ K = 10
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "search-page.png"
 
 
-@contextlib.contextmanager
-def live_server(app):
-    """The app under a real uvicorn on 127.0.0.1 and a free port, in a background thread."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        host, port = sock.getsockname()
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
-def site(tiny_run, tmp_path_factory):
+def site(tiny_run, tmp_path_factory, live_server):
     """A 128-px catalog embedded by the tiny model, indexed, with a category classifier, served.
 
     ``ITEM_EMBED_SCREENSHOT_MODEL=RUN_DIR`` serves another trained model instead (e.g. the
@@ -84,8 +57,8 @@ def site(tiny_run, tmp_path_factory):
     fit_linear(vectors, frame["category"], frame["group"], model_id=ProductIndex.load(root / "index").model_id,
                label_column="category", log=lambda m: None).save(root / "clf")
     app = load_service(run, root / "index", classifier_dir=root / "clf")
-    with live_server(app) as url:
-        yield url, catalog, frame
+    with live_server(app) as (host, port):
+        yield f"http://{host}:{port}", catalog, frame
 
 
 @pytest.fixture(scope="module")
@@ -373,15 +346,15 @@ PAGE_KEY = "page-key-" + "Qw3Er5Ty7Ui9Op1As"
 
 
 @pytest.fixture(scope="module")
-def keyed_site(site, tiny_run):
+def keyed_site(site, tiny_run, live_server):
     """The same index served by an app that needs ``PAGE_KEY`` (a second uvicorn, another origin)."""
     from item_embed.serve.app import load_service
 
     _, catalog, frame = site
     index_dir = next(p for p in catalog.parents if (p / "index").is_dir()) / "index"
     app = load_service(tiny_run, index_dir, api_keys=[PAGE_KEY])
-    with live_server(app) as url:
-        yield url, frame
+    with live_server(app) as (host, port):
+        yield f"http://{host}:{port}", frame
 
 
 def test_a_keyed_server_asks_for_the_key_and_the_tab_remembers_it(keyed_site, browser):

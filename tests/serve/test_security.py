@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -167,40 +165,25 @@ def test_thumbnails_are_not_stored_by_shared_caches(world, keyed):
 # --------------------------------------------------------------------------------------------
 
 
-def test_keys_never_appear_in_logs_or_answers(world, monkeypatch, caplog):
+def test_keys_never_appear_in_logs_or_answers(world, monkeypatch, caplog, live_server):
     """Right and wrong keys, a 401, a 422, a 500 and uvicorn's own access log: the key is nowhere."""
     import httpx
-    import uvicorn
 
     caplog.set_level(logging.DEBUG)
     app = world.app(api_keys=[KEY], rate_limit=600)
     svc = app.state.service
     monkeypatch.setattr(svc, "similar", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    # log_config=None: uvicorn's loggers (access log included) propagate to the root, where caplog listens.
-    server = uvicorn.Server(uvicorn.Config(app, log_level="debug", lifespan="off", access_log=True, log_config=None))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
     bodies = []
-    try:
-        host, port = sock.getsockname()
-        with httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as c:
-            for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY + "-wrong"},
-                            {"Authorization": f"Bearer {KEY[:-2]}"}, {}):
-                for r in (c.post("/search", data={"title": "mug"}, headers=headers),
-                          c.post("/search", data={"k": "0"}, headers=headers),
-                          c.get(f"/similar/{world.pid}", headers=headers),
-                          c.get("/health", headers=headers)):
-                    bodies.append((r.status_code, r.text, dict(r.headers)))
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    # log_config=None: uvicorn's loggers (access log included) propagate to the root, where caplog listens.
+    with live_server(app, log_level="debug", access_log=True, log_config=None) as (host, port), \
+            httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as c:
+        for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY + "-wrong"},
+                        {"Authorization": f"Bearer {KEY[:-2]}"}, {}):
+            for r in (c.post("/search", data={"title": "mug"}, headers=headers),
+                      c.post("/search", data={"k": "0"}, headers=headers),
+                      c.get(f"/similar/{world.pid}", headers=headers),
+                      c.get("/health", headers=headers)):
+                bodies.append((r.status_code, r.text, dict(r.headers)))
     statuses = {s for s, _, _ in bodies}
     assert {200, 401, 422, 500} <= statuses
     assert any("GET /similar/" in rec.getMessage() for rec in caplog.records)  # the access log was captured

@@ -359,13 +359,9 @@ def comparison_section(results: dict, primary: str | None) -> str:
     return _table(headers, rows, group, classes) + note
 
 
-def retrieval_table(results: dict, primary: str | None) -> str:
-    feats = results.get("features", {})
-    modes = [m for m in RETRIEVAL_MODES if any(m in f.get("retrieval", {}) for f in feats.values())]
-    if not modes:
-        return "<p class='note'>No retrieval results (the evaluation had no group column).</p>"
-    names = list(feats)
-    values = [[_get(feats[n], "retrieval", m, k) for n in names] for m in modes for k in RETRIEVAL_METRICS]
+def _score_rows(names: list[str], values: list[list]) -> list[list[str]]:
+    """Table cells, a row per featurizer: its name, then each column's value (``values[column][row]``),
+    the best of each column marked."""
     best = _best_cells(values)
     rows = []
     for i, n in enumerate(names):
@@ -374,6 +370,17 @@ def retrieval_table(results: dict, primary: str | None) -> str:
             v = col[i]
             cells.append(f'<td class="{"na" if v is None else "best" if i in best[j] else ""}">{_num(v)}</td>')
         rows.append(cells)
+    return rows
+
+
+def retrieval_table(results: dict, primary: str | None) -> str:
+    feats = results.get("features", {})
+    modes = [m for m in RETRIEVAL_MODES if any(m in f.get("retrieval", {}) for f in feats.values())]
+    if not modes:
+        return "<p class='note'>No retrieval results (the evaluation had no group column).</p>"
+    names = list(feats)
+    values = [[_get(feats[n], "retrieval", m, k) for n in names] for m in modes for k in RETRIEVAL_METRICS]
+    rows = _score_rows(names, values)
     group = "<tr class='group'><th></th>" + "".join(
         f"<th colspan='{len(RETRIEVAL_METRICS)}'>{_e(m)} queries</th>" for m in modes) + "</tr>"
     headers = ["features"] + [k for _ in modes for k in RETRIEVAL_METRICS]
@@ -391,14 +398,7 @@ def probe_table(results: dict, primary: str | None) -> str:
     names = list(feats)
     keys = [("linear", "accuracy"), ("linear", "macro_f1"), ("knn", "accuracy"), ("knn", "macro_f1")]
     values = [[_get(feats[n], "probe", lab, a, b) for n in names] for lab in labels for a, b in keys]
-    best = _best_cells(values)
-    rows = []
-    for i, n in enumerate(names):
-        cells = [f'<td class="txt">{_e(n)}</td>']
-        for j, col in enumerate(values):
-            v = col[i]
-            cells.append(f'<td class="{"na" if v is None else "best" if i in best[j] else ""}">{_num(v)}</td>')
-        rows.append(cells)
+    rows = _score_rows(names, values)
     group = "<tr class='group'><th></th>" + "".join(f"<th colspan='4'>{_e(lab)}</th>" for lab in labels) + "</tr>"
     headers = ["features"] + ["linear acc", "linear F1", "kNN acc", "kNN F1"] * len(labels)
     tests = {lab: next((f["probe"][lab]["linear"].get("test") for f in feats.values() if lab in f.get("probe", {})),

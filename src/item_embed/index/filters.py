@@ -413,41 +413,44 @@ def _same_type(cell, value: Literal) -> bool:
     return isinstance(cell, (int, float, np.integer, np.floating))
 
 
-def _compare_cells(values: np.ndarray, present: np.ndarray, op: str, value: Literal) -> np.ndarray:
+def _where_present(values: np.ndarray, present: np.ndarray, test) -> np.ndarray:
+    """``test`` (the present cells -> one bool each) where ``present``; False elsewhere."""
     out = np.zeros(len(values), dtype=bool)
     idx = np.flatnonzero(present)
-    if not len(idx):
-        return out
-    v = values[idx]
-    if v.dtype != object:
-        out[idx] = _PY_OPS[op](v, value)
-        return out
-    # Objects: a cell of another type than the literal never passes (not even !=).
+    if len(idx):
+        out[idx] = test(values[idx])
+    return out
+
+
+def _compare_cells(values: np.ndarray, present: np.ndarray, op: str, value: Literal) -> np.ndarray:
     fn = _PY_OPS[op]
 
-    def test(cell) -> bool:
-        try:
-            return _same_type(cell, value) and bool(fn(cell, value))
-        except TypeError:
-            return False
+    def compare(v: np.ndarray) -> np.ndarray:
+        if v.dtype != object:
+            return fn(v, value)
 
-    out[idx] = np.fromiter((test(c) for c in v), dtype=bool, count=len(v))
-    return out
+        # Objects: a cell of another type than the literal never passes (not even !=).
+        def test(cell) -> bool:
+            try:
+                return _same_type(cell, value) and bool(fn(cell, value))
+            except TypeError:
+                return False
+
+        return np.fromiter((test(c) for c in v), dtype=bool, count=len(v))
+
+    return _where_present(values, present, compare)
 
 
 def _is_in(values: np.ndarray, present: np.ndarray, items: tuple) -> np.ndarray:
-    out = np.zeros(len(values), dtype=bool)
-    idx = np.flatnonzero(present)
-    if not len(idx):
-        return out
-    v = values[idx]
-    if v.dtype != object:
-        out[idx] = np.isin(v, np.asarray(items, dtype=v.dtype if v.dtype == bool else None))
-        return out
     keys = {(type(i) is str, isinstance(i, bool), i) for i in items}
-    out[idx] = np.fromiter(((isinstance(c, str), isinstance(c, (bool, np.bool_)), c) in keys for c in v),
+
+    def member(v: np.ndarray) -> np.ndarray:
+        if v.dtype != object:
+            return np.isin(v, np.asarray(items, dtype=v.dtype if v.dtype == bool else None))
+        return np.fromiter(((isinstance(c, str), isinstance(c, (bool, np.bool_)), c) in keys for c in v),
                            dtype=bool, count=len(v))
-    return out
+
+    return _where_present(values, present, member)
 
 
 _PY_OPS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,

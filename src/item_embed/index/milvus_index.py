@@ -47,8 +47,8 @@ import pandas as pd
 
 from ..data.remote import redact
 from .filters import BOOL, FLOAT, INT, OTHER, STRING, Filter, FilterError, column_kind, parse_filter
-from .product_index import (RECALL_K, RECALL_QUERIES, Hit, IndexLoadError, IndexReport, IndexSpec, ProductIndex,
-                            id_list, listed_names, normalised_rows, resolve_ivf, read_embedding_rows)
+from .product_index import (RECALL_K, RECALL_QUERIES, Hit, IndexLoadError, IndexReport, IndexSpec, ManifestFacts,
+                            ProductIndex, id_list, indexable_rows, listed_names, normalised_rows, resolve_ivf)
 
 logger = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ def load_index(source, expected_model_id: str | None = None):
     return ProductIndex.load(source, expected_model_id=expected_model_id)
 
 
-class MilvusIndex:
+class MilvusIndex(ManifestFacts):
     """A product index in a Milvus collection, with ``ProductIndex``'s interface where it makes sense:
     ``search`` (with ``exclude`` and ``filter``), ``search_id``, ``vector``, ``add``, ``remove``,
     ``len``, ``in``, ``model_id``, ``dim``, ``kind``, ``manifest``. Hits are ``MilvusHit`` with their
@@ -508,16 +508,7 @@ class MilvusIndex:
                             notes: list[str] | None = None, **options) -> "MilvusIndex":
         """Index an embedding Parquet file (``item-embed embed``) into Milvus, keeping its model identity;
         unusable rows are skipped and reported as ``ProductIndex.from_embedding_file`` does."""
-        from ..embeddings import read_embedding_metadata
-
-        meta = read_embedding_metadata(path)
-        if "model_id" not in meta:
-            raise ValueError(f"{path} records no model identity: re-create it with `item-embed embed`")
-        report = report if report is not None else IndexReport()
-        frame, emb, report = read_embedding_rows(path, strict=strict, report=report)
-        report.check_accounting()
-        if not len(frame):
-            raise ValueError(f"no usable rows in {path}: all {report.rows_in} were reported\n{report.summary()}")
+        frame, emb, meta = indexable_rows(path, strict, report)
         return cls.build(emb, frame["id"], frame.drop(columns=["id"]), meta["model_id"], meta.get("config_hash", ""),
                          uri=uri, collection=collection, kind=kind, token=token, catalog=meta.get("catalog"),
                          image_root=meta.get("image_root"), notes=notes, **options)
@@ -628,30 +619,10 @@ class MilvusIndex:
         return bool(self._call("get", ids=[str(product_id)], output_fields=[ID_FIELD]))
 
     @property
-    def dim(self) -> int:
-        return int(self._manifest["dim"])
-
-    @property
-    def model_id(self) -> str:
-        return self._manifest["model_id"]
-
-    @property
-    def kind(self) -> str:
-        return self._spec.kind
-
-    @property
     def manifest(self) -> dict:
         """A copy of the manifest (with ``count``, the live number of products, and the collections)."""
         return json.loads(json.dumps({**self._manifest, "count": len(self), "collection": self.name,
                                       "physical_collection": self._physical, "uri": shown_uri(self.uri)}))
-
-    @property
-    def catalog(self) -> str | None:
-        return self._manifest.get("catalog")
-
-    @property
-    def image_root(self) -> str | None:
-        return self._manifest.get("image_root")
 
     @property
     def columns(self) -> list[str]:

@@ -402,7 +402,51 @@ class _ReadWriteLock:
                 self._cond.notify_all()
 
 
-class ProductIndex:
+def indexable_rows(path: str | Path, strict: bool, report: IndexReport | None) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """(rows, vectors, file metadata) of an embedding Parquet file to index: it must record its model
+    identity; unusable rows go to ``report`` (:func:`read_embedding_rows`); none usable is a ValueError."""
+    from ..embeddings import read_embedding_metadata
+
+    meta = read_embedding_metadata(path)
+    if "model_id" not in meta:
+        raise ValueError(f"{path} records no model identity: re-create it with `item-embed embed`")
+    report = report if report is not None else IndexReport()
+    frame, emb, report = read_embedding_rows(path, strict=strict, report=report)
+    report.check_accounting()
+    if not len(frame):
+        raise ValueError(f"no usable rows in {path}: all {report.rows_in} were reported\n{report.summary()}")
+    return frame, emb, meta
+
+
+class ManifestFacts:
+    """What an index's manifest says of it (its model, dimension, kind, catalog), read the same way by
+    ``ProductIndex`` and ``MilvusIndex``: both keep the manifest in ``_manifest`` and its options in ``_spec``."""
+
+    _manifest: dict
+    _spec: IndexSpec
+
+    @property
+    def dim(self) -> int:
+        return int(self._manifest["dim"])
+
+    @property
+    def model_id(self) -> str:
+        return self._manifest["model_id"]
+
+    @property
+    def kind(self) -> str:
+        return self._spec.kind
+
+    @property
+    def catalog(self) -> str | None:
+        return self._manifest.get("catalog")
+
+    @property
+    def image_root(self) -> str | None:
+        return self._manifest.get("image_root")
+
+
+class ProductIndex(ManifestFacts):
     """A FAISS index over products' unit vectors plus their ids, metadata and a manifest.
 
     Build with ``ProductIndex.build`` / ``from_embedding_file``, persist with ``save`` / ``load``;
@@ -477,16 +521,7 @@ class ProductIndex:
         Unusable rows (see :func:`read_embedding_rows`) are skipped and listed in ``report``, or
         with ``strict`` the first one raises ValueError. No usable row at all is a ValueError.
         """
-        from ..embeddings import read_embedding_metadata
-
-        meta = read_embedding_metadata(path)
-        if "model_id" not in meta:
-            raise ValueError(f"{path} records no model identity: re-create it with `item-embed embed`")
-        report = report if report is not None else IndexReport()
-        frame, emb, report = read_embedding_rows(path, strict=strict, report=report)
-        report.check_accounting()
-        if not len(frame):
-            raise ValueError(f"no usable rows in {path}: all {report.rows_in} were reported\n{report.summary()}")
+        frame, emb, meta = indexable_rows(path, strict, report)
         return cls.build(emb, frame["id"], frame.drop(columns=["id"]), meta["model_id"], meta.get("config_hash", ""),
                          kind, catalog=meta.get("catalog"), image_root=meta.get("image_root"), **options)
 
@@ -508,29 +543,9 @@ class ProductIndex:
         return str(product_id) in self._row_of
 
     @property
-    def dim(self) -> int:
-        return int(self._manifest["dim"])
-
-    @property
-    def model_id(self) -> str:
-        return self._manifest["model_id"]
-
-    @property
-    def kind(self) -> str:
-        return self._spec.kind
-
-    @property
     def manifest(self) -> dict:
         """A copy of the manifest (``count`` reflects adds and removes since the last save)."""
         return json.loads(json.dumps({**self._manifest, "count": len(self)}))
-
-    @property
-    def catalog(self) -> str | None:
-        return self._manifest.get("catalog")
-
-    @property
-    def image_root(self) -> str | None:
-        return self._manifest.get("image_root")
 
     @property
     def ids(self) -> list[str]:

@@ -340,6 +340,7 @@ class Engine:
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         counts = [0.0] * len(task.log_keys)
+        sum_dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         for j, piece in enumerate(pieces):
             micro = ranks.rank * cfg.grad_accum + j
             torch.manual_seed(step_seed(cfg.seed, self.step, 2) + 104_729 * micro)  # dropout
@@ -349,17 +350,17 @@ class Engine:
             (out["loss"] / cfg.grad_accum).backward()
             for i, key in enumerate(task.log_keys):
                 if key in out:
-                    value = out[key].detach().double()
+                    value = out[key].detach().to(sum_dtype)
                     sums[key] = sums[key] + value if key in sums else value
                     counts[i] += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         self.opt.step()
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        zero = torch.zeros((), dtype=sum_dtype, device=self.device)
         totals = torch.cat([torch.stack([sums.get(k, zero) for k in task.log_keys]),
-                            torch.tensor(counts, dtype=torch.float64).to(self.device, non_blocking=True)])
+                            torch.tensor(counts, dtype=sum_dtype).to(self.device, non_blocking=True)])
         if ranks.world > 1:
             dist.all_reduce(totals)
-        return StepValues(torch.cat([totals, grad_norm.detach().double().reshape(1)]), task.log_keys)
+        return StepValues(torch.cat([totals, grad_norm.detach().to(sum_dtype).reshape(1)]), task.log_keys)
 
     def _diagnostics(self) -> dict[str, float]:
         """The task's diagnostics, measured in eval mode without gradients; training mode is restored."""
@@ -386,7 +387,7 @@ class Engine:
 
 class StepValues:
     """A step's logged sums, their counts (micro-batches and ranks that had each key) and the gradient
-    norm, (2K + 1,) float64, on their way to the host: from a GPU, copied into pinned memory behind the
+    norm, (2K + 1,), on their way to the host: from a GPU, copied into pinned memory behind the
     step's work and read after the next step is queued, so reading does not stall the device's queue."""
 
     def __init__(self, values: torch.Tensor, keys: tuple[str, ...]) -> None:
