@@ -39,6 +39,26 @@ def test_resume_reproduces_uninterrupted_run(tiny_catalog, tiny_run, tmp_path):
     assert steps == list(range(1, 7)), "resumed log repeats or skips steps"
 
 
+def test_a_step_that_fails_still_leaves_the_step_before_it_in_the_log(tiny_catalog, tmp_path, monkeypatch):
+    """A step's line is written once the next step is queued: when that next step fails, the line is
+    written anyway (and the run's error is what surfaces)."""
+    from item_embed.train.engine import Engine
+
+    device_step = Engine._device_step
+
+    def fail_at_third(self, *args, **kwargs):
+        if self.step == 2:
+            raise RuntimeError("the device fell over")
+        return device_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_device_step", fail_at_third)
+    run = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="fell over"):
+        main(["train", str(tiny_catalog), "--out", str(run), "--steps", "6", "--save-every", "100", *TRAIN])
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
 def test_resume_skips_a_corrupted_checkpoint(tiny_catalog, tiny_run, tmp_path, capsys):
     run = tmp_path / "corrupt"
     shutil.copytree(tiny_run, run)

@@ -9,6 +9,8 @@ backward and AdamW of ITEm pre-training, with every objective) must run without 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,6 +24,8 @@ _READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_se
           aten.equal.default, aten._unique2.default, aten.unique_consecutive.default,
           aten.repeat_interleave.Tensor}
 _MASKED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+# Tensor methods that copy to the host without an op the dispatch mode would see on the CPU.
+_HOST_COPIES = ("tolist", "numpy", "cpu", "item")
 
 
 def _is_mask(t) -> bool:
@@ -29,12 +33,32 @@ def _is_mask(t) -> bool:
 
 
 class SyncWatch(TorchDispatchMode):
-    """Records every op under it (``seen``) and those that would stall a GPU's host (``syncs``)."""
+    """Records every op under it (``seen``) and those that would stall a GPU's host (``syncs``), and
+    the host copies of ``_HOST_COPIES`` made meanwhile."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: set[str] = set()
         self.syncs: list[str] = []
+        self._methods: dict = {}
+
+    def __enter__(self) -> "SyncWatch":
+        self._methods = {name: getattr(torch.Tensor, name) for name in _HOST_COPIES}
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, self._recorded(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def _recorded(self, name: str, method):
+        def copy_to_host(tensor, *args, **kwargs):
+            self.syncs.append(f"Tensor.{name}")
+            return method(tensor, *args, **kwargs)
+
+        return copy_to_host
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -50,7 +74,7 @@ def test_the_watch_sees_what_stalls_a_gpu():
     x = torch.randn(6, 3)
     mask = x[:, 0] > 0
     for stall in (lambda: bool(mask.any()), lambda: x[mask], lambda: float(x.sum()), lambda: mask.nonzero(),
-                  lambda: x.__setitem__(mask, 0.0)):
+                  lambda: x.__setitem__(mask, 0.0), lambda: x.tolist(), lambda: x.cpu()):
         with SyncWatch() as w:
             stall()
         assert w.syncs, stall
@@ -84,8 +108,10 @@ def test_the_pretraining_step_reads_nothing_back_from_the_device(tiny_catalog, t
     from contextlib import nullcontext
 
     watches = _watch_device_steps(monkeypatch, nullcontext)
-    assert main(["train", str(tiny_catalog), "--out", str(tmp_path / "run"), "--precision", precision,
-                 *RECIPE_STEP]) == 0
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_catalog), "--out", str(run), "--precision", precision, *RECIPE_STEP]) == 0
+    for line in (run / "metrics.jsonl").read_text().splitlines():  # every objective ran in both steps
+        assert {"itm", "mlm", "mim", "global_mlm", "global_mim", "align_joint", "align_title"} <= set(json.loads(line))
     item_steps = [w for w in watches if {"aten.nll_loss_forward", "aten.mse_loss"} <= w.seen]
     assert len(item_steps) == 2 and len(watches) > 2  # the image warm start's steps are watched too
     for w in watches:

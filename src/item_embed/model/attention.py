@@ -81,9 +81,11 @@ def use_cheap_dropout(model: nn.Module) -> nn.Module:
 
 
 def attention_mask(*args, **kwargs) -> torch.Tensor | None:
-    """transformers' SDPA mask, always made: its skip when nothing is padded asks the device whether
-    ``padding_mask.all()``, which stalls a GPU step's host until the device catches up."""
-    return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": False})
+    """transformers' SDPA mask. Its skip when nothing is padded asks the device ``padding_mask.all()``,
+    which would stall a GPU training step's host: so with gradients on (training) the mask is always
+    made; without (encoding, serving) an unpadded batch still runs maskless (SDPA's flash kernel on a GPU)."""
+    skip = kwargs.get("allow_is_bidirectional_skip", True) and not torch.is_grad_enabled()
+    return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": skip})
 
 
 AttentionInterface.register(ATTENTION, attention)

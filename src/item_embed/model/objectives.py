@@ -59,7 +59,8 @@ class MaskedBatch:
         return MaskedBatch(**{k: None if v is None else v[rows] for k, v in self._tensors().items()})
 
     def to(self, device: torch.device) -> "MaskedBatch":
-        """This batch on ``device``, with its :class:`Selection` made here first from the host's tensors."""
+        """This batch on ``device``, with its :class:`Selection` made first (from the host's tensors when
+        the batch is still on the host, as the engine moves it)."""
         chosen = self.chosen if self.chosen is not None else Selection.of(self)
         return MaskedBatch(**{k: None if v is None else v.to(device, non_blocking=True)
                               for k, v in self._tensors().items()}, chosen=chosen.to(device))

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -277,8 +277,8 @@ class Engine:
                    desc="train", dynamic_ncols=True)
         elapsed0, t0, samples = self.elapsed, time.perf_counter(), 0
         last: dict[str, float] = {}
-        # A step's values are read back once the next step is queued, so the host never waits for the
-        # device in between (StepValues); at a checkpoint they are read at once.
+        # A step's values are read back once the next step is queued, so the host runs a step ahead of
+        # the device (StepValues); at a checkpoint, and at the end, they are read at once.
         pending: tuple | None = None
         try:
             while not self.budget.done(self.step, self.elapsed):
@@ -291,13 +291,19 @@ class Engine:
                 save = self.step % self.cfg.save_every == 0 or end
                 bar.update(1)
                 if pending is not None:
-                    last = self._report(*pending, metrics, bar)
+                    previous, pending = pending, None
+                    last = self._report(*previous, metrics, bar)
                 pending = (self.step, lr, self.elapsed, values, save)
                 if save:
-                    last = self._report(*pending, metrics, bar)
+                    values.wait()  # the step's device work counts in the time saved and reported
+                    self.elapsed = elapsed0 + time.perf_counter() - t0
                     pending = None
+                    last = self._report(self.step, lr, self.elapsed, values, save, metrics, bar)
                     self._checkpoint()
         finally:
+            if pending is not None and metrics is not None:  # a failed step: still log the one before it
+                with suppress(Exception):
+                    self._report(*pending, metrics, bar)
             bar.close()
             if metrics is not None:
                 metrics.close()
@@ -393,17 +399,22 @@ class StepValues:
     def __init__(self, values: torch.Tensor, keys: tuple[str, ...]) -> None:
         self.keys, self._ready = keys, None
         if values.device.type == "cuda":
-            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self._host.copy_(values, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
+            with torch.cuda.device(values.device):  # the event on the stream that does the copy
+                self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                self._host.copy_(values, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record()
         else:
             self._host = values
 
-    def read(self) -> tuple[dict[str, float], float]:
-        """(each key's mean over what had it, the gradient norm)."""
+    def wait(self) -> None:
+        """Until the device has finished the step (and the copy)."""
         if self._ready is not None:
             self._ready.synchronize()
+
+    def read(self) -> tuple[dict[str, float], float]:
+        """(each key's mean over what had it, the gradient norm)."""
+        self.wait()
         v, k = self._host.tolist(), len(self.keys)
         return {key: v[i] / v[k + i] for i, key in enumerate(self.keys) if v[k + i] > 0}, v[2 * k]
 
