@@ -113,3 +113,17 @@ def test_the_encoder_uses_them_and_matches_transformers_sdpa_on_real_positions()
     real = torch.cat([text_mask, has_image[:, None].expand(3, 4)], dim=1)
     torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
     assert F.cosine_similarity(ours[real], ref[real], dim=-1).min() > 0.9999
+
+
+def test_an_unpadded_batch_skips_the_mask_only_without_gradients():
+    """Training always gets a mask (knowing that nothing is padded would ask the device); encoding and
+    serving still run an unpadded batch maskless, and a padded one is masked either way."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    config = ItemModel(ModelConfig(preset="tiny")).bert.config
+    x = torch.randn(2, 5, config.hidden_size)
+    full, padded = torch.ones(2, 5, dtype=torch.long), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        assert create_bidirectional_mask(config=config, inputs_embeds=x, attention_mask=full) is None
+        assert create_bidirectional_mask(config=config, inputs_embeds=x, attention_mask=padded) is not None
+    assert create_bidirectional_mask(config=config, inputs_embeds=x, attention_mask=full) is not None

@@ -275,7 +275,7 @@ class ItemObjectives(nn.Module):
                 logits = self.global_word_logits(model, out, rows, positions)
                 losses["global_mlm"] = F.cross_entropy(logits.float(), labels, reduction="none").mean()
 
-        if mb.mim_mask is not None and len(sel.patch_rows):
+        if len(sel.patch_rows):  # none without a MIM mask
             targets = patch_targets(mb.images, model.cfg.patch_size)
             rows, patches = sel.patch_rows, sel.patch_ids
             if "mim" in self.heads:

@@ -293,13 +293,13 @@ class Engine:
                 if pending is not None:
                     previous, pending = pending, None
                     last = self._report(*previous, metrics, bar)
-                pending = (self.step, lr, self.elapsed, values, save)
                 if save:
                     values.wait()  # the step's device work counts in the time saved and reported
                     self.elapsed = elapsed0 + time.perf_counter() - t0
-                    pending = None
                     last = self._report(self.step, lr, self.elapsed, values, save, metrics, bar)
                     self._checkpoint()
+                else:
+                    pending = (self.step, lr, self.elapsed, values, save)
         finally:
             if pending is not None and metrics is not None:  # a failed step: still log the one before it
                 with suppress(Exception):
